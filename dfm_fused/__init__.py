@@ -1,0 +1,43 @@
+"""dfm_fused: fused kernels and a memory-saving T-step loop for Deep Feedback Models.
+
+Public API:
+
+- ops: :func:`exp_decay`, :func:`feedback_input`, :func:`state_update`
+  (also in :mod:`dfm_fused.functional`); the literal oracle is :mod:`dfm_fused.reference`;
+- modules: :class:`StateExpDecay` (drop-in for the reference), :class:`FeedbackInput`,
+  :class:`StateUpdate`;
+- :func:`unroll`: the T-step loop with memory-saving backward;
+- backends: :func:`available_backends`, :func:`set_backend`, :func:`get_backend`,
+  :func:`use_backend`, :func:`backend_status`, environment variable ``DFM_FUSED_BACKEND``.
+"""
+from dfm_fused._dispatch import (
+    BackendUnavailable,
+    available_backends,
+    backend_status,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from dfm_fused._recompute import is_recomputing
+from dfm_fused.functional import exp_decay, feedback_input, state_update
+from dfm_fused.modules import FeedbackInput, StateExpDecay, StateUpdate
+from dfm_fused.unroll import unroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "FeedbackInput",
+    "StateExpDecay",
+    "StateUpdate",
+    "available_backends",
+    "backend_status",
+    "exp_decay",
+    "feedback_input",
+    "get_backend",
+    "is_recomputing",
+    "set_backend",
+    "state_update",
+    "unroll",
+    "use_backend",
+]

@@ -1,0 +1,222 @@
+"""Backend choice for the fused ops: which implementation runs for a tensor's device.
+
+Backends, fastest first for each device type:
+
+- ``cuda`` tensors: ``triton``, ``cuda`` (C++/CUDA extension), ``torch``;
+- ``cpu`` tensors: ``cpp`` (C++ extension), ``torch``;
+- ``reference`` (the literal pure-PyTorch oracle) runs anywhere but is only used
+  when asked for.
+
+``auto`` (the default) picks the first available backend for the tensor's
+device. ``set_backend(name)`` or the environment variable ``DFM_FUSED_BACKEND``
+forces one; a forced backend that cannot run raises :class:`BackendUnavailable`
+with the reason, it never falls back silently. The choice is process-wide and
+may be changed between calls from any thread.
+
+A backend is a module per op (``dfm_fused/ops/<op>/<backend>_backend.py``; the
+reference backend is :mod:`dfm_fused.reference`) exposing a function named like
+the op with the signature of :mod:`dfm_fused.functional`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+__all__ = [
+    "BackendUnavailable",
+    "OPS",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "resolve",
+    "set_backend",
+    "use_backend",
+]
+
+OPS = ("exp_decay", "feedback_input", "state_update")
+ENV_VAR = "DFM_FUSED_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why."""
+
+
+def _triton_probe(device_type: str) -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailable(f"triton is not importable ({exc}); `pip install triton`") from None
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailable("triton runs CPU tensors only under TRITON_INTERPRET=1")
+    if device_type == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA device is available")
+
+
+def _extension_probe(device_type: str) -> None:
+    try:
+        extension = importlib.import_module("dfm_fused._extension")
+    except ImportError as exc:
+        raise BackendUnavailable(f"the C++ extension loader is missing ({exc})") from None
+    extension.require(device_type)
+
+
+def _always(device_type: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    module: str  # import path, with ``{op}`` standing for the op's name
+    devices: tuple[str, ...]
+    probe: Callable[[str], None]
+
+
+_BACKENDS = {
+    b.name: b
+    for b in (
+        _Backend("triton", "dfm_fused.ops.{op}.triton_backend", ("cuda", "cpu"), _triton_probe),
+        _Backend("cuda", "dfm_fused.ops.{op}.extension_backend", ("cuda",), _extension_probe),
+        _Backend("cpp", "dfm_fused.ops.{op}.extension_backend", ("cpu",), _extension_probe),
+        _Backend("torch", "dfm_fused.ops.{op}.torch_backend", ("cpu", "cuda"), _always),
+        _Backend("reference", "dfm_fused.reference", ("cpu", "cuda"), _always),
+    )
+}
+# Order in which ``auto`` tries backends per device type. Triton on the CPU is
+# an interpreter for testing, never a fast path, so ``auto`` skips it there.
+_AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+_lock = threading.Lock()
+_forced: str | None = None  # set by set_backend; None means "use the environment / auto"
+_cache: dict[tuple[str, str], dict[str, Callable] | BackendUnavailable] = {}
+
+
+def _load(name: str, device_type: str) -> dict[str, Callable]:
+    """The backend's op table for ``device_type``, or raise why it cannot run there."""
+    key = (name, device_type)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is None:
+            hit = _try_load(_BACKENDS[name], device_type)
+            _cache[key] = hit
+    if isinstance(hit, BackendUnavailable):
+        raise BackendUnavailable(str(hit))
+    return hit
+
+
+def _try_load(backend: _Backend, device_type: str):
+    if device_type not in backend.devices:
+        return BackendUnavailable(
+            f"backend {backend.name!r} does not run on {device_type!r} tensors "
+            f"(it runs on: {', '.join(backend.devices)})"
+        )
+    try:
+        backend.probe(device_type)
+        table = {}
+        for op in OPS:
+            module = importlib.import_module(backend.module.format(op=op))
+            table[op] = getattr(module, op)
+        return table
+    except BackendUnavailable as exc:
+        return BackendUnavailable(f"backend {backend.name!r} is unavailable: {exc}")
+    except ImportError as exc:
+        return BackendUnavailable(f"backend {backend.name!r} is unavailable: {exc}")
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS):
+        known = ", ".join(["auto", *_BACKENDS])
+        raise ValueError(f"{what}: expected one of {known}; got {name!r}")
+    return name
+
+
+def backend_status(device_type: str | None = None) -> dict[str, str | None]:
+    """``{backend: None if it can run, else the reason}`` for a device type.
+
+    ``device_type=None`` means the best device here (``cuda`` if available, else ``cpu``).
+    """
+    device_type = device_type or _default_device_type()
+    status = {}
+    for name in _BACKENDS:
+        try:
+            _load(name, device_type)
+            status[name] = None
+        except BackendUnavailable as exc:
+            status[name] = str(exc)
+    return status
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Names of the backends that can run on ``device_type`` (default: the best device here)."""
+    return [name for name, reason in backend_status(device_type).items() if reason is None]
+
+
+def _default_device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every later call (``"auto"`` restores automatic choice).
+
+    ``None`` returns control to the ``DFM_FUSED_BACKEND`` environment variable.
+    Raises :class:`BackendUnavailable` if the backend cannot run on any device here.
+    """
+    global _forced
+    if name is not None:
+        _check_name(name, "set_backend(name)")
+        if name != "auto":
+            reasons = []
+            for device_type in _BACKENDS[name].devices:
+                try:
+                    _load(name, device_type)
+                    break
+                except BackendUnavailable as exc:
+                    reasons.append(str(exc))
+            else:
+                raise BackendUnavailable("; ".join(reasons))
+    with _lock:
+        _forced = name
+
+
+def get_backend() -> str:
+    """The backend setting in force: a backend name or ``"auto"``."""
+    if _forced is not None:
+        return _forced
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous setting on exit."""
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
+    """``(backend name, implementation)`` of ``op`` for tensors on ``device_type``."""
+    name = _check_name(backend, "backend") if backend is not None else get_backend()
+    if name != "auto":
+        return name, _load(name, device_type)[op]
+    reasons = []
+    for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+        try:
+            return candidate, _load(candidate, device_type)[op]
+        except BackendUnavailable as exc:
+            reasons.append(str(exc))
+    raise BackendUnavailable(f"no backend runs {op} on {device_type!r}: " + "; ".join(reasons))

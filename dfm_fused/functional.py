@@ -1,0 +1,92 @@
+"""The fused DFM operations (SPEC section 3), dispatched to the fastest backend.
+
+All ops take ordinary tensors in float16, bfloat16, float32 or float64 (state
+math and reductions run in float32, or float64 for float64 inputs), any batch
+and spatial size, and have autograd for every differentiable input. Pass
+``backend=`` to force one backend for one call; otherwise
+:func:`dfm_fused.set_backend` / ``DFM_FUSED_BACKEND`` / ``auto`` decide.
+"""
+from __future__ import annotations
+
+import torch
+
+from dfm_fused import _checks
+from dfm_fused._dispatch import resolve
+
+__all__ = ["exp_decay", "feedback_input", "state_update"]
+
+
+def exp_decay(x, Q, S, t, tau, alpha, *, backend: str | None = None) -> torch.Tensor:
+    """``Q^T diag(exp(t * Delta)) Q x`` per pixel, ``Delta = -(1/tau) |S|**alpha``.
+
+    Args:
+        x: ``(B, C, H, W)`` floating tensor.
+        Q: ``(C, C)``; receives a gradient. S: ``(C,)``; receives none.
+        t: step time (number or 0-d tensor); the reference module passes ``module.T * T``.
+        tau: number or 0-d tensor, > 0. alpha: number or 0-d tensor.
+    Returns:
+        ``(B, C, H, W)`` in ``x``'s dtype.
+    """
+    _checks.tensor("x", x, ndim=4)
+    _checks.decay_params(Q, S, x.shape[1], "x.shape[1]")
+    _checks.same_device(x=x, Q=Q, S=S)
+    _decay_scalars(t, tau, alpha)
+    return resolve("exp_decay", x.device.type, backend)[1](x, Q, S, t, tau, alpha)
+
+
+def feedback_input(x, h, offset: int, fb: int, groups: int, eps: float = 1e-5, *, backend: str | None = None):
+    """``cat([x, softmax_c(GroupNorm(resize(h[:, offset:offset+fb], x.shape[-2:])))], dim=1)``.
+
+    The resize is bilinear with ``align_corners=False``; the GroupNorm has no
+    affine (the reference's frozen weight 1, bias 0).
+
+    Args:
+        x: ``(B, Cx, H, W)`` frontend output. h: ``(B, Ch, h, w)`` state.
+        offset, fb: the fed-back channels of ``h`` are ``offset:offset+fb``.
+        groups: GroupNorm groups, dividing ``fb``. eps: GroupNorm epsilon.
+    Returns:
+        ``(B, Cx + fb, H, W)`` in the promoted dtype of ``x`` and ``h``. Its
+        gradient w.r.t. ``x`` is a view of the incoming gradient.
+    """
+    _checks.tensor("x", x, ndim=4)
+    _checks.tensor("h", h, ndim=4)
+    _checks.same_device(x=x, h=h)
+    if h.shape[0] != x.shape[0]:
+        raise ValueError(f"h: expected batch size {x.shape[0]} to match x; got {h.shape[0]}")
+    offset = _checks.integer("offset", offset, 0)
+    fb = _checks.integer("fb", fb, 1)
+    groups = _checks.integer("groups", groups, 1)
+    if offset + fb > h.shape[1]:
+        raise ValueError(f"offset + fb: expected at most h.shape[1]={h.shape[1]}; got {offset} + {fb} = {offset + fb}")
+    _checks.divides("groups", groups, "fb", fb)
+    _checks.scalar("eps", eps, positive=True)
+    return resolve("feedback_input", x.device.type, backend)[1](x, h, offset, fb, groups, float(eps))
+
+
+def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, backend: str | None = None):
+    """``h + Q^T diag(exp(t * Delta)) Q GroupNorm(y)`` per pixel.
+
+    Args:
+        h: ``(B, C, H, W)`` state. y: ``(B, C, H, W)`` body output.
+        Q, S, t, tau, alpha: as in :func:`exp_decay`.
+        groups: GroupNorm groups, dividing ``C``. eps: GroupNorm epsilon.
+    Returns:
+        ``(B, C, H, W)`` in ``h``'s dtype. Gradients flow to ``h`` (identity), ``y`` and ``Q``.
+    """
+    _checks.tensor("h", h, ndim=4)
+    _checks.tensor("y", y, ndim=4)
+    if h.shape != y.shape:
+        raise ValueError(f"y: expected the shape of h {tuple(h.shape)}; got {tuple(y.shape)}")
+    _checks.decay_params(Q, S, h.shape[1], "h.shape[1]")
+    _checks.same_device(h=h, y=y, Q=Q, S=S)
+    groups = _checks.integer("groups", groups, 1)
+    _checks.divides("groups", groups, "h.shape[1]", h.shape[1])
+    _checks.scalar("eps", eps, positive=True)
+    _decay_scalars(t, tau, alpha)
+    return resolve("state_update", h.device.type, backend)[1](h, y, Q, S, t, tau, alpha, groups, float(eps))
+
+
+def _decay_scalars(t, tau, alpha) -> None:
+    _checks.scalar("t", t)
+    _checks.scalar("tau", tau, positive=True)
+    _checks.scalar("alpha", alpha)

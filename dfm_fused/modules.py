@@ -1,0 +1,142 @@
+"""Drop-in ``torch.nn`` modules over :mod:`dfm_fused.functional`.
+
+``StateExpDecay`` has the reference's constructor, parameter names (so its
+``state_dict`` keys are ``Q, Qinv, S, T, alpha, tau``), ``state`` attribute and
+``forward(x, T=5)``, including the QR re-orthogonalisation of ``Q`` when
+training at ``T == 0``. ``StateUpdate`` holds the same decay parameters and
+fuses the GroupNorm and the residual add; ``FeedbackInput`` is the softmax
+feedback projection plus the concat with the input.
+"""
+from __future__ import annotations
+
+import torch
+
+from dfm_fused import _checks
+from dfm_fused import functional as F
+from dfm_fused._recompute import is_recomputing
+
+__all__ = ["FeedbackInput", "StateExpDecay", "StateUpdate"]
+
+
+def _step_index(name: str, T):
+    """``T`` must be a non-negative whole number (Python or 0-d tensor)."""
+    _checks.scalar(name, T, allow_negative=False)
+    if not isinstance(T, torch.Tensor) or T.device.type == "cpu":
+        if float(T) != int(float(T)):
+            raise ValueError(f"{name}: expected a whole number of steps; got {float(T)}")
+    return T
+
+
+class _DecayParameters(torch.nn.Module):
+    """The parameters of the exponential decay, registered as the reference registers them."""
+
+    def __init__(self, filters: int, tau: float, alpha: float):
+        super().__init__()
+        filters = _checks.integer("filters", filters, 1)
+        _checks.scalar("tau", tau, positive=True)
+        _checks.scalar("alpha", alpha)
+        self.filters = filters
+        self.tau = torch.nn.Parameter(tau * torch.ones(()), requires_grad=False)
+        self.T = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+        self.alpha = torch.nn.Parameter(alpha * torch.ones(()), requires_grad=False)
+        self.S = torch.nn.Parameter(torch.ones((filters,), dtype=torch.float32), requires_grad=False)
+        self.Q = torch.nn.Parameter(torch.empty((filters, filters), dtype=torch.float32))
+        # Unused by the math (Q^T is Q's inverse); kept so reference checkpoints load.
+        self.Qinv = torch.nn.Parameter(torch.empty((filters, filters), dtype=torch.float32))
+        torch.nn.init.orthogonal_(self.Q)
+        torch.nn.init.orthogonal_(self.Qinv)
+
+    @staticmethod
+    def reorthogonalize(p: torch.Tensor) -> None:
+        """Replace ``p`` in place by the Q factor of its complete QR decomposition."""
+        with torch.no_grad():
+            p.copy_(torch.linalg.qr(p, mode="complete")[0])
+
+    def _begin_step(self, T) -> None:
+        # The reference re-orthogonalises at the first step of every training
+        # forward. A recomputation inside ``unroll``'s backward replays that step
+        # and must not do it a second time.
+        if self.training and T == 0 and not is_recomputing():
+            self.reorthogonalize(self.Q)
+
+    def extra_repr(self) -> str:
+        return f"filters={self.filters}"
+
+
+class StateExpDecay(_DecayParameters):
+    """Drop-in for ``dfbmodels.state.StateExpDecay``: ``Q^T diag(exp(self.T * T * Delta)) Q x``.
+
+    Args:
+        filters: channels C. shape: spatial shape of the ``state`` attribute.
+        tau: decay time constant (> 0). alpha: exponent of ``|S|``.
+    Shapes: ``x`` (B, C, H, W) -> (B, C, H, W), in ``x``'s dtype.
+    """
+
+    def __init__(self, filters: int, shape, tau: float = 0.1, alpha: float = 1.0):
+        super().__init__(filters, tau, alpha)
+        self.state = torch.zeros((1, self.filters, *shape), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, T=5) -> torch.Tensor:
+        _checks.tensor("x", x, ndim=4)
+        if x.shape[1] != self.filters:
+            raise ValueError(f"x: expected {self.filters} channels (filters); got {x.shape[1]}")
+        _step_index("T", T)
+        self._begin_step(T)
+        return F.exp_decay(x, self.Q, self.S, self.T * T, self.tau, self.alpha)
+
+
+class StateUpdate(_DecayParameters):
+    """``h + StateExpDecay(GroupNorm(y), t)`` in one fused op; GroupNorm without affine.
+
+    Args:
+        filters: state channels C. groups: GroupNorm groups (divides C).
+        tau, alpha: as in :class:`StateExpDecay`. eps: GroupNorm epsilon.
+    Shapes: ``h``, ``y`` (B, C, H, W) -> (B, C, H, W), in ``h``'s dtype.
+    """
+
+    def __init__(self, filters: int, groups: int, tau: float = 0.1, alpha: float = 1.0, eps: float = 1e-5):
+        super().__init__(filters, tau, alpha)
+        groups = _checks.integer("groups", groups, 1)
+        _checks.divides("groups", groups, "filters", self.filters)
+        _checks.scalar("eps", eps, positive=True)
+        self.groups = groups
+        self.eps = float(eps)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor, t=0) -> torch.Tensor:
+        _checks.tensor("h", h, ndim=4)
+        if h.shape[1] != self.filters:
+            raise ValueError(f"h: expected {self.filters} channels (filters); got {h.shape[1]}")
+        _checks.tensor("y", y, ndim=4)
+        if y.shape != h.shape:
+            raise ValueError(f"y: expected the shape of h {tuple(h.shape)}; got {tuple(y.shape)}")
+        _step_index("t", t)
+        self._begin_step(t)
+        return F.state_update(h, y, self.Q, self.S, self.T * t, self.tau, self.alpha, self.groups, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"filters={self.filters}, groups={self.groups}, eps={self.eps}"
+
+
+class FeedbackInput(torch.nn.Module):
+    """``cat([x, softmax_c(GroupNorm(resize(h[:, offset:offset+fb_filters])))])``.
+
+    Args:
+        fb_filters: fed-back channels. offset: first fed-back channel of the state.
+        groups: GroupNorm groups (divides fb_filters). eps: GroupNorm epsilon.
+    Shapes: ``x`` (B, Cx, H, W), ``h`` (B, Ch, h, w) -> (B, Cx + fb_filters, H, W).
+    """
+
+    def __init__(self, fb_filters: int, offset: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.fb_filters = _checks.integer("fb_filters", fb_filters, 1)
+        self.offset = _checks.integer("offset", offset, 0)
+        self.groups = _checks.integer("groups", groups, 1)
+        _checks.divides("groups", self.groups, "fb_filters", self.fb_filters)
+        _checks.scalar("eps", eps, positive=True)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return F.feedback_input(x, h, self.offset, self.fb_filters, self.groups, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"fb_filters={self.fb_filters}, offset={self.offset}, groups={self.groups}, eps={self.eps}"

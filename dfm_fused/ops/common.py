@@ -1,0 +1,91 @@
+"""Small pieces of math shared by every backend of the decay ops.
+
+The decay of step ``t`` is ``M = Q^T diag(D) Q`` with ``D = exp(t * Delta)`` and
+``Delta = -(1/tau) * |S|**alpha``. ``M`` is ``C x C`` and symmetric, so it is
+formed once per call on the host side of a kernel launch (a tiny GEMM) and the
+kernels only apply it per pixel.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "compute_dtype",
+    "decay_grad_Q",
+    "decay_matrix",
+    "decay_vector",
+]
+
+
+def _scalar(value, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: the state math never runs in half precision."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def decay_vector(S: torch.Tensor, t, tau, alpha) -> torch.Tensor:
+    """``D = exp(t * -(1/tau) * |S|**alpha)``, shape ``(C,)``, float32 (float64 if ``S`` is).
+
+    Evaluated in the reference's order of operations so that ``D`` is bitwise the
+    reference's. No host synchronisation: ``t``, ``tau``, ``alpha`` may be device tensors.
+    """
+    S = S.to(compute_dtype(S))
+    delta = (1 / _scalar(tau, S)) * -1.0 * torch.abs(S) ** _scalar(alpha, S)
+    return torch.exp(_scalar(t, S) * delta)
+
+
+def decay_matrix(Q: torch.Tensor, D: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``M = Q^T diag(D) Q``, shape ``(C, C)``, in ``dtype`` (default: float32, float64 if ``Q`` is)."""
+    dtype = dtype or compute_dtype(Q)
+    Q = Q.to(dtype)
+    return (Q.t() * D.to(dtype)) @ Q
+
+
+def decay_grad_Q(Q: torch.Tensor, D: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``sum(g * (M x))`` w.r.t. ``Q``: ``diag(D) Q (A + A^T)`` with ``A = sum x g^T``.
+
+    Returned in ``Q``'s dtype.
+    """
+    dtype = A.dtype
+    grad = D.to(dtype)[:, None] * (Q.to(dtype) @ (A + A.t()))
+    return grad.to(Q.dtype)
+
+
+def _pixels_last(x: torch.Tensor) -> bool:
+    """True when ``x`` (B, C, H, W) is stored channels-last, so (B*H*W, C) is a free view."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def apply_channel_matrix(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``M @ x[b, :, i, j]`` for every pixel: one GEMM, in ``M``'s dtype, keeping ``x``'s layout.
+
+    ``x`` is ``(B, C, H, W)``; ``M`` is ``(C, C)``. Channels-last inputs give a
+    channels-last result without a copy; anything else is read as NCHW.
+    """
+    x = x.to(M.dtype)
+    B, C, H, W = x.shape
+    if _pixels_last(x):
+        # Rows are pixels here, so the product is x_rows @ M^T.
+        return (x.permute(0, 2, 3, 1).reshape(-1, C) @ M.t()).view(B, H, W, C).permute(0, 3, 1, 2)
+    return torch.matmul(M, x.reshape(B, C, H * W)).view(B, C, H, W)
+
+
+def channel_outer(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``A = sum over batch and pixels of x g^T``, shape ``(C, C)``, in ``x``'s dtype.
+
+    Deterministic (plain GEMMs and a fixed-order sum, no atomics).
+    """
+    B, C, H, W = x.shape
+    g = g.to(x.dtype)
+    if _pixels_last(x) and _pixels_last(g):
+        return x.permute(0, 2, 3, 1).reshape(-1, C).t() @ g.permute(0, 2, 3, 1).reshape(-1, C)
+    x3, g3 = x.reshape(B, C, H * W), g.reshape(B, C, H * W)
+    if C <= 2 * H * W:
+        # (B, C, C) partials are no larger than copying x and g to (C, B*H*W).
+        return torch.matmul(x3, g3.transpose(1, 2)).sum(0)
+    return x3.transpose(0, 1).reshape(C, -1) @ g3.transpose(0, 1).reshape(C, -1).t()

@@ -1,0 +1,75 @@
+"""``state_update`` in portable PyTorch: ``h + M GroupNorm(y)`` with one per-pixel GEMM.
+
+Forward saves ``y`` and the per-group statistics (``B x groups`` floats), not the
+normalised tensor; backward rebuilds the normalised ``y`` and ``M`` from them.
+"""
+from __future__ import annotations
+
+import torch
+
+from dfm_fused.ops.common import (
+    apply_channel_matrix,
+    channel_outer,
+    compute_dtype,
+    decay_grad_Q,
+    decay_matrix,
+    decay_vector,
+)
+
+
+def group_norm_stats(y: torch.Tensor, groups: int, eps: float):
+    """``(normalised y, mean, rstd)``; mean and rstd are ``(B, groups)`` in y's dtype."""
+    B, C, H, W = y.shape
+    return torch.ops.aten.native_group_norm(y, None, None, B, C, H * W, groups, eps)
+
+
+def group_normalize(y, mean, rstd, groups):
+    """``(y - mean) * rstd`` per group, from saved statistics."""
+    B, C, H, W = y.shape
+    y5 = y.reshape(B, groups, C // groups, H * W)
+    return ((y5 - mean.view(B, groups, 1, 1)) * rstd.view(B, groups, 1, 1)).view(B, C, H, W)
+
+
+def group_norm_backward(grad_n, y, mean, rstd, groups):
+    """Gradient of ``GroupNorm(y)`` (no affine) w.r.t. ``y``."""
+    B, C, H, W = y.shape
+    return torch.ops.aten.native_group_norm_backward(
+        grad_n, y, mean, rstd, None, B, C, H * W, groups, [True, False, False]
+    )[0]
+
+
+class StateUpdateFunction(torch.autograd.Function):
+    """h: (B, C, H, W) state; y: (B, C, H, W) body output; Q: (C, C); D: (C,). Returns h's dtype."""
+
+    @staticmethod
+    def forward(ctx, h, y, Q, D, groups, eps):
+        dtype = compute_dtype(h, y, Q)
+        y_c = y.to(dtype)
+        n, mean, rstd = group_norm_stats(y_c, groups, eps)
+        out = apply_channel_matrix(decay_matrix(Q, D, dtype), n)
+        out = out.add_(h).to(h.dtype)
+        ctx.groups = groups
+        ctx.save_for_backward(y, Q, D, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, Q, D, mean, rstd = ctx.saved_tensors
+        groups = ctx.groups
+        grad_h = grad_y = grad_Q = None
+        if ctx.needs_input_grad[0]:
+            grad_h = grad_out
+        dtype = mean.dtype
+        y_c = y.to(dtype)
+        if ctx.needs_input_grad[1]:
+            grad_n = apply_channel_matrix(decay_matrix(Q, D, dtype), grad_out)
+            grad_y = group_norm_backward(grad_n.contiguous(), y_c.contiguous(), mean, rstd, groups).to(y.dtype)
+        if ctx.needs_input_grad[2]:
+            n = group_normalize(y_c, mean, rstd, groups)
+            grad_Q = decay_grad_Q(Q, D, channel_outer(n, grad_out))
+        return grad_h, grad_y, grad_Q, None, None, None
+
+
+def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5):
+    """See :func:`dfm_fused.functional.state_update`."""
+    return StateUpdateFunction.apply(h, y, Q, decay_vector(S, t, tau, alpha), groups, eps)

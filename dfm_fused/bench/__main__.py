@@ -117,7 +117,7 @@ def plan(args) -> tuple[str, list, list[str]]:
         elif device == "cuda":
             B, image = args.batch or 64, args.image or [224, 224]
         else:
-            B, image = args.batch or 4, args.image or [64, 64]
+            B, image = args.batch or 2, args.image or [64, 64]
         if len(image) == 1:
             image = image * 2
         cases += C.e2e_cases(device, model, Ts, B, image)

@@ -21,7 +21,8 @@ def add_ratios(records: list[dict]) -> None:
 
     ``speedup``: reference median time / this median time. ``memory_ratio``: this
     peak memory / the reference's (CUDA: allocated; CPU: resident set).
-    ``graph_memory_ratio``: the same for the bytes the autograd graph saves.
+    ``graph_memory_ratio``: the same for the activation bytes the autograd graph
+    saves (inputs and parameters left out; 0 when an implementation saves only those).
     ``floor_fraction`` (CUDA op cases): SPEC floor / this median time.
     """
     references = {r["group"]: r for r in records if r["impl"] == "reference" and "error" not in r}
@@ -32,7 +33,7 @@ def add_ratios(records: list[dict]) -> None:
         mem = r["memory"]
         r["speedup"] = _ratio(ref["time_s"]["median"], r["time_s"]["median"])
         r["memory_ratio"] = _ratio(mem.get("peak_bytes"), ref["memory"].get("peak_bytes"))
-        r["graph_memory_ratio"] = _ratio(mem["saved_bytes"], ref["memory"]["saved_bytes"])
+        r["graph_memory_ratio"] = _ratio(mem["saved_activation_bytes"], ref["memory"]["saved_activation_bytes"])
         if r.get("floor_s") is not None:
             r["floor_fraction"] = r["floor_s"] / r["time_s"]["median"]
 
@@ -45,7 +46,7 @@ def _fmt(value, spec, suffix=""):
 
 def format_table(records: list[dict]) -> str:
     """A Markdown table, one row per case, grouped as measured."""
-    head = ["case", "impl", "median ms", "speed-up", "peak MiB", "peak ratio", "graph MiB", "graph ratio", "floor"]
+    head = ["case", "impl", "median ms", "speed-up", "peak MiB", "peak ratio", "graph MiB", "graph ratio", "of floor"]
     rows = [head, ["---"] * len(head)]
     for r in records:
         if "error" in r:
@@ -60,7 +61,7 @@ def format_table(records: list[dict]) -> str:
             _fmt(r.get("speedup"), ".2f", "x"),
             _fmt(peak / MiB if peak is not None else None, ".1f"),
             _fmt(r.get("memory_ratio"), ".2f"),
-            _fmt(mem["saved_bytes"] / MiB, ".1f"),
+            _fmt(mem["saved_activation_bytes"] / MiB, ".2f"),
             _fmt(r.get("graph_memory_ratio"), ".2f"),
             _fmt(100 * r["floor_fraction"] if r.get("floor_fraction") is not None else None, ".0f", "%"),
         ])
@@ -86,7 +87,7 @@ def write_chart(path, records: list[dict], title: str) -> bool:
             peak = r["memory"].get("peak_bytes")
             series[r["spec"]["model"], r["impl"]].append(
                 (r["spec"]["T"], r["time_s"]["median"], None if peak is None else peak / MiB,
-                 r["memory"]["saved_bytes"] / MiB)
+                 r["memory"]["saved_activation_bytes"] / MiB)
             )
     if not series:
         return False
@@ -98,7 +99,7 @@ def write_chart(path, records: list[dict], title: str) -> bool:
             values = [p[column] for p in points]
             if all(v is not None for v in values):
                 ax.plot(Ts, values, marker="o", label=f"{model} {impl}")
-    for ax, label in zip(axes, ("training step time (s)", "peak memory (MiB)", "autograd graph memory (MiB)")):
+    for ax, label in zip(axes, ("training step time (s)", "peak memory (MiB)", "autograd graph activations (MiB)")):
         ax.set_xlabel("T (feedback steps)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -4,7 +4,7 @@ Run: ``pytest benchmarks --benchmark-only [--benchmark-json=out.json]``. The cas
 are those of ``python -m dfm_fused.bench`` (:mod:`dfm_fused.bench.cases`), for the
 best device here (CUDA, else a scaled-down CPU setting). Options:
 ``--dfm-quick`` (tiny shapes), ``--dfm-no-compile`` (skip ``torch.compile``),
-``--dfm-no-rss`` (skip the CPU peak-RSS subprocess), ``--dfm-dtypes``.
+``--dfm-no-rss`` (skip the CPU peak-RSS subprocess), ``--dfm-dtypes``, ``--dfm-threads``.
 Each benchmark's ``extra_info`` holds the backend, device, dtype, shape and
 memory; the JSON written by ``--benchmark-json`` also gets each case's speed-up
 and memory ratios against the reference of its group.
@@ -29,6 +29,13 @@ def pytest_addoption(parser):
     group.addoption("--dfm-no-compile", action="store_true", help="do not time torch.compile of the reference")
     group.addoption("--dfm-no-rss", action="store_true", help="skip the CPU peak-RSS subprocess")
     group.addoption("--dfm-dtypes", default=None, help="comma-separated dtypes (default: float32; CUDA adds bfloat16)")
+    group.addoption("--dfm-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--dfm-threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def pytest_generate_tests(metafunc):

@@ -30,9 +30,11 @@ __all__ = [
     "E2ECase",
     "OpCase",
     "Shape",
+    "case_from_spec",
     "default_shapes",
     "e2e_cases",
     "fused_impls",
+    "models_available",
     "op_cases",
     "parse_shape",
 ]

@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
+
 __all__ = [
     "BackendUnavailable",
     "OPS",
@@ -57,8 +59,6 @@ def _triton_probe(device_type: str) -> None:
 
 
 def _cuda_device_probe() -> None:
-    import torch
-
     if not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device is available")
 
@@ -168,8 +168,6 @@ def available_backends(device_type: str | None = None) -> list[str]:
 
 
 def _default_device_type() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -216,13 +214,23 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
     """``(backend name, implementation)`` of ``op`` for tensors on ``device_type``."""
+    name = _resolve_name(op, device_type, backend)
+    return name, _cache[(name, device_type)][op]
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(op: str, device_type: str, backend: str | None) -> str:
+    # Under torch.compile this runs once at trace time and its result is baked
+    # into the graph, so dispatch costs nothing per call and breaks no graph.
     name = _check_name(backend, "backend") if backend is not None else get_backend()
     if name != "auto":
-        return name, _load(name, device_type)[op]
+        _load(name, device_type)
+        return name
     reasons = []
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
         try:
-            return candidate, _load(candidate, device_type)[op]
+            _load(candidate, device_type)
+            return candidate
         except BackendUnavailable as exc:
             reasons.append(str(exc))
     raise BackendUnavailable(f"no backend runs {op} on {device_type!r}: " + "; ".join(reasons))

@@ -196,3 +196,19 @@ def test_bad_arguments():
         dfm_fused.unroll(lambda x, h, t: h[:, :4], x, h0, 2)
     with pytest.raises(TypeError, match="step: expected a callable"):
         dfm_fused.unroll(3, x, h0, 2)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_failed_unroll_leaves_buffers_and_Q_untouched(checkpoint):
+    step = _make().train()
+    x, h0 = _inputs()
+    before = {n: t.detach().clone() for n, t in list(step.named_buffers()) + [("Q", step.update.Q)]}
+
+    def bad_step(x, h, t):
+        out = step(x, h, t)  # runs BatchNorm (stats updated) and the QR at t == 0
+        return out if t < 2 else out[:, :1]
+
+    with pytest.raises(ValueError, match="at t=2"):
+        dfm_fused.unroll(bad_step, x, h0, 4, module=step, checkpoint=checkpoint)
+    for name, value in list(step.named_buffers()) + [("Q", step.update.Q)]:
+        assert torch.equal(value, before[name]), name

@@ -7,14 +7,33 @@ kernels only apply it per pixel.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 __all__ = [
+    "autocast_off",
     "compute_dtype",
     "decay_grad_Q",
     "decay_matrix",
     "decay_vector",
 ]
+
+
+def autocast_off(fn):
+    """Run ``fn`` with autocast disabled: for ``backward`` methods, which autograd may
+    run inside the caller's autocast region, so the state math stays float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for kind in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(kind):
+                    stack.enter_context(torch.autocast(kind, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:

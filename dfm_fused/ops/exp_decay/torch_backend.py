@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dfm_fused.ops.common import (
+    autocast_off,
     apply_channel_matrix,
     channel_outer,
     compute_dtype,
@@ -28,6 +29,7 @@ class ExpDecayFunction(torch.autograd.Function):
         return apply_channel_matrix(M, x).to(x.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         x, Q, D = ctx.saved_tensors
         dtype = compute_dtype(x, Q)

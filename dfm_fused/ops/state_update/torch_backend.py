@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from dfm_fused.ops.common import (
+    autocast_off,
     apply_channel_matrix,
     channel_outer,
     compute_dtype,
@@ -53,6 +54,7 @@ class StateUpdateFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         y, Q, D, mean, rstd = ctx.saved_tensors
         groups = ctx.groups

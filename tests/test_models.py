@@ -306,7 +306,8 @@ def test_feedback_model_any_network():
     _assert_grads_close(g1, g0)
     model = _small_feedback_model()
     assert model.state_size(torch.zeros(1, 6, 9, 7)) == (5, 4)
+    model.in_channels = 5
     with pytest.raises(ValueError, match="frontend"):
-        model(torch.randn(1, 4, 9, 7), 1)
+        model(torch.randn(1, 3, 9, 7), 1)
     with pytest.raises(TypeError, match="body"):
         dfm_fused.FeedbackModel(None, "not a module", torch.nn.Identity(), in_channels=1, pred_channels=1, fb_channels=0)

@@ -229,6 +229,8 @@ class FeedbackModel(FeedbackLoop):
         if self.fb_channels:
             self.feedback = FeedbackInput(self.fb_channels, self.pred_channels, fb_groups or groups, eps)
         self.error_head = StateUpdate(self.state_channels, groups, tau, alpha, eps)
+        # Unused by the math; frozen so DistributedDataParallel needs no find_unused_parameters.
+        self.error_head.Qinv.requires_grad_(False)
         self.checkpoint = bool(checkpoint)
         self.init_std = float(init_std)
         self.reference_init = bool(reference_init)

@@ -74,8 +74,11 @@ def build_resnet_dfm(
         nn.init.constant_(norm.bias, 0)
         norm.weight.requires_grad = False
         norm.bias.requires_grad = False
-    # Registered by the reference and never used; kept so checkpoints load.
-    model.layernorm_weight = nn.Parameter(torch.zeros(1, model.state_channels, 1, 1))
+    # Registered by the reference and never used; kept so checkpoints load. Frozen (with the
+    # decay's unused Qinv) so that DistributedDataParallel needs no find_unused_parameters.
+    model.layernorm_weight = nn.Parameter(torch.zeros(1, model.state_channels, 1, 1), requires_grad=False)
+    if hasattr(model.error_head, "Qinv") and not getattr(model, "_literal", False):
+        model.error_head.Qinv.requires_grad_(False)
     # The reference's step counter (a frozen 0-d parameter); after a forward it holds the steps run.
     model.T = nn.Parameter(torch.zeros(()), requires_grad=False)
 

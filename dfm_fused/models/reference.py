@@ -26,11 +26,13 @@ class ReferenceResNet(nn.Module):
 
     def __init__(self, arch: str, fb_filters: int = 0, n_classes: int = 200, shape=(64, 64), tau: float = 1.0):
         super().__init__()
+        self._literal = True
         block, layers = ARCHITECTURES[arch]
         build_resnet_dfm(
             self, block, layers, fb_filters, n_classes, shape, tau,
             lambda channels: StateExpDecay(channels, (self.shape[0] // 4, self.shape[1] // 4), tau=tau),
         )
+        self.layernorm_weight.requires_grad_(True)  # the reference's flag (unused either way)
         self.state = torch.zeros(())
         self.steps_run = 0
 

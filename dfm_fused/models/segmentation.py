@@ -121,6 +121,7 @@ class SegmentationDFM(FeedbackLoop):
         self.segmentation_head = nn.Conv2d(self.class_filters, classes, 1)
         self.feedback = FeedbackInput(self.fb_filters, self.class_filters, groups=self.fb_filters)
         self.error_head = StateUpdate(self.state_channels, groups=self.state_channels, tau=tau, alpha=alpha)
+        self.error_head.Qinv.requires_grad_(False)  # unused; frozen for DistributedDataParallel
         self.T = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.checkpoint = bool(checkpoint)
         self.init_std = 1e-3

@@ -174,7 +174,8 @@ def channel_matmul(x, M, out_dtype, h=None, scale=None, shift=None) -> torch.Ten
         N, HW, C,
         HAS_NORM=scale is not None,
         HAS_RESIDUAL=h is not None,
-        INPUT_PRECISION=dot_precision(),
+        # Only float32 dots have a precision choice; half dots keep Triton's default.
+        INPUT_PRECISION=dot_precision() if M.dtype == torch.float32 else "tf32",
     )
     return out
 

@@ -46,4 +46,6 @@ def feedback_input(x, h, offset, fb, groups, eps=1e-5):
     """See :func:`dfm_fused.functional.feedback_input`."""
     check_dtype("x", x)
     check_dtype("h", h)
+    if h.shape[-1] * h.shape[-2] == 0:
+        raise ValueError(f"h: expected a non-empty spatial size to resize from; got {tuple(h.shape[-2:])}")
     return FeedbackInputTriton.apply(x, h, offset, fb, groups, eps)

@@ -255,6 +255,8 @@ def feedback_stats(h, x, offset, fb, groups, eps):
     B = x.shape[0]
     mean = new_output((B, groups), torch.float32, x.device)
     rstd = new_output((B, groups), torch.float32, x.device)
+    if x[:, :1].numel() == 0:
+        return mean.zero_(), rstd.fill_(eps ** -0.5)
     feedback_stats_kernel[(B * groups,)](h, mean, rstd, *_geometry(h, *x.shape[-2:], offset, fb, groups), eps)
     return mean, rstd
 
@@ -263,6 +265,8 @@ def feedback_forward(x, h, mean, rstd, offset, fb, groups, out_dtype):
     """(B, Cx + fb, H, W) ``out_dtype``: x and the softmax projection of h; x, h contiguous."""
     B, Cx, H, W = x.shape
     out = new_output((B, Cx + fb, H, W), out_dtype, x.device)
+    if out.numel() == 0:
+        return out
     block_f = _block_f(fb)
     grid = lambda meta: (triton.cdiv(H * W, meta["TILE"] // block_f), B)  # noqa: E731
     feedback_forward_kernel[grid](x, h, mean, rstd, out, Cx, *_geometry(h, H, W, offset, fb, groups), BLOCK_F=block_f)
@@ -274,6 +278,8 @@ def feedback_grad_h(grad, h, mean, rstd, offset, fb, groups, Cx):
     B, _, H, W = grad.shape
     _, Ch, Hi, Wi = h.shape
     HW = H * W
+    if B * HW == 0:
+        return torch.zeros_like(h)
     block_f = _block_f(fb)
     # Enough pixel blocks for the smallest tile; configs with larger tiles leave the rest zero.
     n_pb = triton.cdiv(HW, _min_tile() // block_f)

@@ -81,10 +81,12 @@ def group_norm_backward_kernel(dn, y, mean, rstd, dy, L, BLOCK: tl.constexpr):
 
 
 def group_stats(y: torch.Tensor, groups: int, eps: float):
-    """``(mean, rstd)``, each (B, groups) float32, of contiguous y (B, C, H, W) (L > 0)."""
+    """``(mean, rstd)``, each (B, groups) float32, of contiguous y (B, C, H, W)."""
     B, C, H, W = y.shape
     mean = new_output((B, groups), torch.float32, y.device)
     rstd = new_output((B, groups), torch.float32, y.device)
+    if y.numel() == 0:
+        return mean.zero_(), rstd.fill_(eps ** -0.5)
     group_stats_kernel[(B * groups,)](y, mean, rstd, C // groups * H * W, eps)
     return mean, rstd
 
@@ -102,5 +104,7 @@ def group_norm_backward(dn: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, r
     B, C, H, W = y.shape
     groups = mean.shape[1]
     dy = new_output(y.shape, y.dtype, y.device)
+    if y.numel() == 0:
+        return dy
     group_norm_backward_kernel[(B * groups,)](dn, y, mean, rstd, dy, C // groups * H * W)
     return dy

@@ -37,13 +37,15 @@ def cases():
         for has_norm, has_res in ((False, False), (True, True)):
             # M is in the input's half type or float32; out is the input type or float32 (grad_n).
             sig = dict(x=p, m=p, h=p, scale="*fp32", shift="*fp32", out=p, N="i32", HW="i32", C="i32")
-            const = dict(HAS_NORM=has_norm, HAS_RESIDUAL=has_res, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32")
-            yield f"channel_matmul[{dt},norm={has_norm}]", decay.channel_matmul_kernel, sig, const
+            for precision in ("ieee", "tf32") if dt == "fp32" else ("tf32",):
+                const = dict(HAS_NORM=has_norm, HAS_RESIDUAL=has_res, INPUT_PRECISION=precision)
+                yield f"channel_matmul[{dt},norm={has_norm},{precision}]", decay.channel_matmul_kernel, sig, const
         for has_norm in (False, True):
             sig = dict(x=p, g=p, scale="*fp32", shift="*fp32", part="*fp32", N="i32", HW="i32", C="i32",
                        SPLIT_LEN="i32")
-            const = dict(HAS_NORM=has_norm, HALF_DOT=dt != "fp32", INPUT_PRECISION="ieee")
-            yield f"channel_outer[{dt},norm={has_norm}]", decay.channel_outer_kernel, sig, const
+            for precision in ("ieee", "tf32") if dt == "fp32" else ("tf32",):
+                const = dict(HAS_NORM=has_norm, HALF_DOT=dt != "fp32", INPUT_PRECISION=precision)
+                yield f"channel_outer[{dt},norm={has_norm},{precision}]", decay.channel_outer_kernel, sig, const
         yield (f"group_stats[{dt}]", norm.group_stats_kernel,
                dict(y=p, mean="*fp32", rstd="*fp32", L="i32", eps="fp32"), {})
         yield (f"group_norm_backward[{dt}]", norm.group_norm_backward_kernel,
@@ -82,7 +84,10 @@ def main() -> int:
     failures = 0
     for name, tuner, sig, const in cases():
         fn = tuner.fn
-        for config in tuner.configs[:1] if quick else tuner.configs:
+        configs = tuner.configs
+        if tuner.early_config_prune is not None:
+            configs = tuner.early_config_prune(configs, {}, **const)
+        for config in configs[:1] if quick else configs:
             full = {**const, **config.kwargs}
             signature = {a: sig[a] if a in sig else "constexpr" for a in fn.arg_names}
             missing = [a for a in fn.arg_names if a not in sig and a not in full]

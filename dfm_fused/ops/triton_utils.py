@@ -22,6 +22,7 @@ __all__ = [
     "dot_precision",
     "interpreting",
     "new_output",
+    "prune_for_precision",
 ]
 
 POISON_ENV = "DFM_FUSED_POISON"
@@ -35,6 +36,22 @@ def interpreting() -> bool:
 def autotune_configs(configs: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """``configs`` when compiling for a GPU; ``[interpreter]`` under the interpreter (read at import)."""
     return [interpreter] if interpreting() else configs
+
+
+def prune_for_precision(k_block: str):
+    """``early_config_prune`` keeping, for IEEE float32 dots (``INPUT_PRECISION="ieee"``), the configs
+    whose reduction tile ``k_block`` is 16 and, for tensor-core dots, the others.
+
+    An IEEE float32 ``tl.dot`` runs on FMA units with both operand tiles in registers; with a
+    32-deep reduction tile it spills heavily on sm_90, with 16 it fits.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        fma = kwargs.get("INPUT_PRECISION") == "ieee"
+        kept = [c for c in configs if (c.kwargs[k_block] == 16) == fma]
+        return kept or configs
+
+    return prune
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:

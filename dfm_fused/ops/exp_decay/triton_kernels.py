@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.triton_utils import autotune_configs, dot_precision, new_output
+from dfm_fused.ops.triton_utils import autotune_configs, dot_precision, new_output, prune_for_precision
 
 
 @triton.jit
@@ -32,19 +32,24 @@ def _matmul_configs():
     configs = [
         triton.Config({"BLOCK_CO": co, "BLOCK_P": p, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for co, p, k, w, s in (
+            # Tensor-core dots (half inputs, TF32).
             (64, 64, 32, 4, 3),
             (128, 64, 32, 4, 3),
             (64, 128, 32, 4, 3),
             (128, 128, 32, 8, 3),
             (128, 64, 64, 8, 3),
-            (64, 64, 64, 4, 4),
+            # IEEE float32 dots (FMA): a 16-deep reduction tile keeps the operands in registers.
+            (64, 64, 16, 4, 3),
+            (64, 128, 16, 8, 3),
+            (128, 64, 16, 8, 3),
         )
     ]
     return autotune_configs(configs, triton.Config({"BLOCK_CO": 32, "BLOCK_P": 64, "BLOCK_K": 32}, num_warps=4))
 
 
-@triton.autotune(configs=_matmul_configs(), key=["C", "HAS_NORM", "HAS_RESIDUAL"])
-@triton.jit
+@triton.autotune(configs=_matmul_configs(), key=["C", "HAS_NORM", "HAS_RESIDUAL", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_for_precision("BLOCK_K")})
+@triton.jit(do_not_specialize=["N", "HW"])
 def channel_matmul_kernel(
     x, m, h, scale, shift, out,
     N, HW, C,
@@ -90,10 +95,15 @@ def _outer_configs():
     configs = [
         triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_P": p}, num_warps=w, num_stages=s)
         for i, j, p, w, s in (
+            # Tensor-core dots (half inputs, TF32).
             (64, 64, 64, 4, 3),
             (64, 64, 32, 4, 4),
             (128, 64, 64, 8, 3),
             (128, 128, 32, 8, 3),
+            # IEEE float32 dots (FMA).
+            (64, 64, 16, 4, 3),
+            (64, 64, 16, 8, 3),
+            (128, 64, 16, 8, 3),
         )
     ]
     return autotune_configs(configs, triton.Config({"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_P": 64}, num_warps=4))
@@ -103,8 +113,9 @@ def _outer_configs():
 _SPLIT_QUANTUM = 128
 
 
-@triton.autotune(configs=_outer_configs(), key=["C", "HAS_NORM"])
-@triton.jit
+@triton.autotune(configs=_outer_configs(), key=["C", "HAS_NORM", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_for_precision("BLOCK_P")})
+@triton.jit(do_not_specialize=["N", "HW", "SPLIT_LEN"])
 def channel_outer_kernel(
     x, g, scale, shift, part,
     N, HW, C, SPLIT_LEN,
@@ -214,6 +225,6 @@ def channel_outer(x, g, dtype, scale=None, shift=None) -> torch.Tensor:
         N, HW, C, split_len,
         HAS_NORM=scale is not None,
         HALF_DOT=dtype != torch.float32,
-        INPUT_PRECISION=dot_precision(),
+        INPUT_PRECISION=dot_precision() if dtype == torch.float32 else "tf32",
     )
     return part.sum(0)

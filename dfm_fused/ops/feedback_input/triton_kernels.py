@@ -48,13 +48,17 @@ def resize_taps(p_h, o_p, W, Wi, Hi, scale_h, scale_w, mask):
     return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
 
 
+# Sizes change with every input resolution; specialising on them would recompile per size.
+_SPATIAL = ["Hi", "Wi", "H", "W"]
+
+
 def _stats_configs():
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8))]
     return autotune_configs(configs, triton.Config({"BLOCK": 256}, num_warps=4))
 
 
 @triton.autotune(configs=_stats_configs(), key=["CG"])
-@triton.jit
+@triton.jit(do_not_specialize=_SPATIAL)
 def feedback_stats_kernel(
     h, mean, rstd,
     Ch, offset, Hi, Wi, H, W, CG, G, scale_h, scale_w, eps,
@@ -104,7 +108,7 @@ def _normalized_softmax(h, mean, rstd, i_b, o_f, o_p, m_f, m_p,
 
 
 @triton.autotune(configs=_pixel_configs(), key=["Cx", "CG", "G"])
-@triton.jit
+@triton.jit(do_not_specialize=_SPATIAL)
 def feedback_forward_kernel(
     x, h, mean, rstd, out,
     Cx, Ch, offset, Hi, Wi, H, W, CG, G, scale_h, scale_w,
@@ -138,7 +142,7 @@ def feedback_forward_kernel(
 
 
 @triton.autotune(configs=_pixel_configs(), key=["Cx", "CG", "G"])
-@triton.jit
+@triton.jit(do_not_specialize=_SPATIAL + ["n_pb"])
 def feedback_backward_kernel(
     grad, h, mean, rstd, dn, n, part,
     Cx, Ch, offset, Hi, Wi, H, W, CG, G, scale_h, scale_w, n_pb,
@@ -187,7 +191,7 @@ def _resize_configs():
 
 
 @triton.autotune(configs=_resize_configs(), key=["fb", "BLOCK_KW"])
-@triton.jit
+@triton.jit(do_not_specialize=_SPATIAL + ["KH"])
 def feedback_grad_h_kernel(
     dn, n, coef, grad_h,
     Ch, offset, fb, Hi, Wi, H, W, scale_h, scale_w, inv_scale_h, inv_scale_w, KH,

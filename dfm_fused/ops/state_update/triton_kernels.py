@@ -43,7 +43,7 @@ def group_moments(x, L, BLOCK: tl.constexpr):
 
 
 @triton.autotune(configs=_row_configs(), key=["L"])
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def group_stats_kernel(y, mean, rstd, L, eps, BLOCK: tl.constexpr):
     """y: (B * G, L) any float dtype; mean, rstd: (B * G,) float32."""
     pid = tl.program_id(0)
@@ -53,7 +53,7 @@ def group_stats_kernel(y, mean, rstd, L, eps, BLOCK: tl.constexpr):
 
 
 @triton.autotune(configs=_row_configs(), key=["L"])
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def group_norm_backward_kernel(dn, y, mean, rstd, dy, L, BLOCK: tl.constexpr):
     """dn: (B * G, L) float32 gradient of the normalised y; y, dy: (B * G, L); mean, rstd: (B * G,)."""
     pid = tl.program_id(0)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# GPU verification in one go: build what needs building, run the CUDA tests, run the op
+# benchmarks and write their JSON to OUT_DIR. Runs from the source tree (PYTHONPATH, no pip
+# installs, no network) and must finish in under 8 minutes on an H100/H200.
+#
+# Usage: bash scripts/gpu_check.sh OUT_DIR
+#
+# Each section runs under its own time limit, logs to OUT_DIR/<section>.log, and a failing
+# section does not stop the later ones; the exit status is non-zero if any section failed.
+# OUT_DIR/summary.txt lists each section's status and duration.
+set -uo pipefail
+
+OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+FAILED=0
+: > "$OUT/summary.txt"
+
+# run_section NAME SECONDS CMD...: run CMD with a time limit, log it, record the outcome.
+run_section() {
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo
+    echo "=== $name (limit ${limit}s) ==="
+    start=$(date +%s)
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then FAILED=1; fi
+    echo "$name: rc=$rc ($(( $(date +%s) - start ))s)" | tee -a "$OUT/summary.txt"
+}
+
+# ---------------------------------------------------------------- environment
+run_section environment 60 "$PY" - <<'PYEOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton not importable:", exc)
+assert torch.cuda.is_available(), "no CUDA device"
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"device {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+import dfm_fused
+print("backends on cuda:", dfm_fused.backend_status("cuda"))
+PYEOF
+
+# ---------------------------------------------------------------- triton backend
+# The Triton kernels are compiled just in time (first call, then cached under ~/.triton):
+# nothing to build. The interpreter suite is CPU CI's job and is deselected here.
+run_section triton_tests 230 "$PY" -m pytest tests/test_triton.py -q -rfEs -p no:cacheprovider \
+    -k "not interpreter_suite" --junitxml="$OUT/triton_tests.xml"
+
+# One run per op so that a time-out loses one JSON file, not both.
+for op in state_update feedback_input; do
+    run_section "bench_triton_$op" 110 "$PY" -m pytest benchmarks/bench_triton_ops.py -q -p no:cacheprovider \
+        -k "$op" --benchmark-json="$OUT/bench_triton_$op.json" --benchmark-columns=min,median,max
+done
+
+echo
+cat "$OUT/summary.txt"
+exit $FAILED

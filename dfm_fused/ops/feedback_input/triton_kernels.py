@@ -152,8 +152,9 @@ def feedback_backward_kernel(
     """grad: (B, Cx + fb, H, W); dn, n: (B, fb, H, W) float32 gradient of the normalised r and
     n itself; part: (B, n_pb, 2, BLOCK_F) float32 per-tile sums of dn and dn * n per channel.
 
-    Grid: (n_pb pixel blocks, B), n_pb = cdiv(HW, TILE // BLOCK_F) is computed by the caller for
-    the largest TILE; programs past this config's last block write zero partial sums."""
+    Grid: (n_pb, B) with n_pb = cdiv(HW, min TILE // BLOCK_F), the block count of the smallest
+    tile, whatever this config's tile: programs past its last block see no pixels and write zero
+    partial sums, so every config writes all of ``part`` (autotuning runs them all on one buffer)."""
     BLOCK_P: tl.constexpr = TILE // BLOCK_F
     i_p, i_b = tl.program_id(0), tl.program_id(1)
     HW = H * W
@@ -285,12 +286,12 @@ def feedback_grad_h(grad, h, mean, rstd, offset, fb, groups, Cx):
     if B * HW == 0:
         return torch.zeros_like(h)
     block_f = _block_f(fb)
-    # Enough pixel blocks for the smallest tile; configs with larger tiles leave the rest zero.
+    # Pixel blocks of the smallest tile; see feedback_backward_kernel.
     n_pb = triton.cdiv(HW, _min_tile() // block_f)
     dn = new_output((B, fb, H, W), torch.float32, grad.device)
     n = new_output((B, fb, H, W), torch.float32, grad.device)
-    part = torch.zeros((B, n_pb, 2, block_f), dtype=torch.float32, device=grad.device)
-    feedback_backward_kernel[lambda meta: (triton.cdiv(HW, meta["TILE"] // block_f), B)](
+    part = new_output((B, n_pb, 2, block_f), torch.float32, grad.device)
+    feedback_backward_kernel[(n_pb, B)](
         grad, h, mean, rstd, dn, n, part, Cx, *_geometry(h, H, W, offset, fb, groups), n_pb, BLOCK_F=block_f
     )
     # GroupNorm backward: grad_r = rstd * (dn - mean(dn) - n * mean(dn * n)) over each group.

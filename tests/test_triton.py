@@ -24,6 +24,8 @@ import torch
 from dfm_fused import functional as F
 from dfm_fused import reference
 
+from _helpers import TOLERANCE, orthogonal, rel_err
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -41,7 +43,7 @@ DEVICES = [CPU, CUDA]
 needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU")
 
 # Relative norm error bounds. float32 assumes IEEE float32 dots (PyTorch's default); TF32 is tested apart.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOL = {dtype: TOLERANCE[dtype] for dtype in (torch.float32, torch.float16, torch.bfloat16)}
 TF32_TOL = 1e-3
 DTYPES = list(TOL)
 
@@ -51,19 +53,12 @@ def _poison(monkeypatch):
     monkeypatch.setenv("DFM_FUSED_POISON", "1")
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape
-    assert torch.isfinite(actual).all(), "non-finite values (unwritten output?)"
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_()
 
 
 def decay_params(C: int, device):
-    Q = torch.linalg.qr(torch.randn(C, C, dtype=torch.float64))[0].float().to(device)
+    Q = orthogonal(C, device=device)
     S = (torch.rand(C) + 0.5).to(device)
     return Q, S
 
@@ -77,8 +72,11 @@ def check_op(run_fused, run_ref, inputs: dict, tol: float):
     weight = torch.randn(ref.shape, device=ref.device, dtype=torch.float64)
     grads = torch.autograd.grad((out.double() * weight).sum(), list(fused_in.values()))
     ref_grads = torch.autograd.grad((ref * weight).sum(), list(ref_in.values()))
-    errors = {"out": rel_err(out, ref)}
-    errors.update({f"grad_{k}": rel_err(g, r) for k, g, r in zip(inputs, grads, ref_grads)})
+    results = {"out": (out, ref), **{f"grad_{k}": (g, r) for k, g, r in zip(inputs, grads, ref_grads)}}
+    for name, (actual, expected) in results.items():
+        assert actual.shape == expected.shape, name
+        assert torch.isfinite(actual).all(), f"{name}: non-finite values (an unwritten, NaN-poisoned element?)"
+    errors = {name: rel_err(actual, expected) for name, (actual, expected) in results.items()}
     bad = {k: e for k, e in errors.items() if not e <= tol}
     assert not bad, f"relative errors above {tol:g}: {bad} (all: {errors})"
     return out

@@ -98,7 +98,7 @@ def _outer_configs():
             # Tensor-core dots (half inputs, TF32).
             (64, 64, 64, 4, 3),
             (64, 64, 32, 4, 4),
-            (128, 64, 64, 8, 3),
+            (128, 64, 32, 8, 3),
             (128, 128, 32, 8, 3),
             # IEEE float32 dots (FMA).
             (64, 64, 16, 4, 3),

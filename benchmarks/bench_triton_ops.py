@@ -37,7 +37,7 @@ FEEDBACK_SHAPES = {
 }
 
 
-def cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
+def cuda_time(fn, reps: int = 10, warmup: int = 3) -> float:
     """Median seconds of ``fn()`` over ``reps`` runs, timed with CUDA events."""
     for _ in range(warmup):
         fn()
@@ -138,7 +138,7 @@ def test_fwd_bwd(benchmark, op, name, dtype, impl):
         step()
         torch.cuda.synchronize()
 
-    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=1)
     bw = bandwidth()
     peak = matmul_peak(torch.float32 if dtype == torch.float32 else dtype, _tf32())
     floor = max(cost["bytes"] / bw, cost["flops"] / peak)

@@ -53,12 +53,16 @@ PYEOF
 # ---------------------------------------------------------------- triton backend
 # The Triton kernels are compiled just in time (first call, then cached under ~/.triton):
 # nothing to build. The interpreter suite is CPU CI's job and is deselected here.
-run_section triton_tests 230 "$PY" -m pytest tests/test_triton.py -q -rfEs -p no:cacheprovider \
-    -k "not interpreter_suite" --junitxml="$OUT/triton_tests.xml"
+# Pass 1: every case with one config per kernel (DFM_FUSED_AUTOTUNE=0: one compile each, no
+# autotuning); pass 2: the large shapes with full autotuning, as the benchmarks run them.
+run_section triton_tests 130 env DFM_FUSED_AUTOTUNE=0 "$PY" -m pytest tests/test_triton.py -q -rfEs \
+    -p no:cacheprovider -k "not interpreter_suite and not large" --junitxml="$OUT/triton_tests.xml"
+run_section triton_tests_large 130 "$PY" -m pytest tests/test_triton.py -q -rfEs -p no:cacheprovider \
+    -k "large" --junitxml="$OUT/triton_tests_large.xml"
 
 # One run per op so that a time-out loses one JSON file, not both.
 for op in state_update feedback_input; do
-    run_section "bench_triton_$op" 110 "$PY" -m pytest benchmarks/bench_triton_ops.py -q -p no:cacheprovider \
+    run_section "bench_triton_$op" 100 "$PY" -m pytest benchmarks/bench_triton_ops.py -q -p no:cacheprovider \
         -k "$op" --benchmark-json="$OUT/bench_triton_$op.json" --benchmark-columns=min,median,max
 done
 

@@ -327,6 +327,26 @@ def test_autotune_configs_fit_sm90():
     assert len(k.channel_matmul_kernel.configs) > 1
 
 
+@pytest.mark.skipif(INTERPRET, reason="checks the compiled (GPU) configs, not the interpreter's single one")
+def test_config_pruning(monkeypatch):
+    """IEEE float32 dots get the FMA configs (16-deep reduction), others the tensor-core ones;
+    DFM_FUSED_AUTOTUNE=0 keeps one config (no benchmarking)."""
+    from dfm_fused.ops.exp_decay import triton_kernels as k
+
+    monkeypatch.delenv("DFM_FUSED_AUTOTUNE", raising=False)
+    for kernel, k_block in ((k.channel_matmul_kernel, "BLOCK_K"), (k.channel_outer_kernel, "BLOCK_P")):
+        prune = kernel.early_config_prune
+        fma = prune(kernel.configs, {}, INPUT_PRECISION="ieee")
+        mma = prune(kernel.configs, {}, INPUT_PRECISION="tf32")
+        assert fma and all(c.kwargs[k_block] == 16 for c in fma)
+        assert mma and all(c.kwargs[k_block] >= 32 for c in mma)
+        assert len(fma) + len(mma) == len(kernel.configs)
+        monkeypatch.setenv("DFM_FUSED_AUTOTUNE", "0")
+        assert prune(kernel.configs, {}, INPUT_PRECISION="ieee") == fma[:1]
+        assert prune(kernel.configs, {}, INPUT_PRECISION="tf32") == mma[:1]
+        monkeypatch.delenv("DFM_FUSED_AUTOTUNE")
+
+
 @pytest.mark.skipif(INTERPRET, reason="this process is the interpreter run")
 def test_interpreter_suite():
     """Runs this file's ``cpu`` cases under ``TRITON_INTERPRET=1`` in a fresh interpreter."""

@@ -2,7 +2,7 @@
 
 - :func:`interpreting`: whether kernels run under ``TRITON_INTERPRET=1`` (CPU testing).
 - :func:`autotune_configs`: the sm_90 config list, or one small config under the
-  interpreter so the CPU test suite stays fast.
+  interpreter so the CPU test suite stays fast; :func:`prune_configs` narrows it per call.
 - :func:`new_output`: ``torch.empty``, NaN-filled when ``DFM_FUSED_POISON=1`` so that
   an element a kernel forgets to write fails the tests.
 - :func:`dot_dtype`, :func:`dot_precision`: operand type and float32 precision of ``tl.dot``.
@@ -15,6 +15,7 @@ import torch
 import triton
 
 __all__ = [
+    "AUTOTUNE_ENV",
     "POISON_ENV",
     "autotune_configs",
     "check_dtype",
@@ -22,10 +23,11 @@ __all__ = [
     "dot_precision",
     "interpreting",
     "new_output",
-    "prune_for_precision",
+    "prune_configs",
 ]
 
 POISON_ENV = "DFM_FUSED_POISON"
+AUTOTUNE_ENV = "DFM_FUSED_AUTOTUNE"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -38,18 +40,23 @@ def autotune_configs(configs: list[triton.Config], interpreter: triton.Config) -
     return [interpreter] if interpreting() else configs
 
 
-def prune_for_precision(k_block: str):
-    """``early_config_prune`` keeping, for IEEE float32 dots (``INPUT_PRECISION="ieee"``), the configs
-    whose reduction tile ``k_block`` is 16 and, for tensor-core dots, the others.
+def prune_configs(k_block: str | None = None):
+    """``early_config_prune`` for the kernels' autotuners.
 
-    An IEEE float32 ``tl.dot`` runs on FMA units with both operand tiles in registers; with a
-    32-deep reduction tile it spills heavily on sm_90, with 16 it fits.
+    With ``k_block``, keeps for IEEE float32 dots (``INPUT_PRECISION="ieee"``) the configs whose
+    reduction tile ``k_block`` is 16 and, for tensor-core dots, the others: an IEEE float32
+    ``tl.dot`` runs on FMA units with both operand tiles in registers, and with a 32-deep
+    reduction tile it spills heavily on sm_90. With ``DFM_FUSED_AUTOTUNE=0`` only the first
+    remaining config is kept (no benchmarking; fast test runs that compile one config).
     """
 
     def prune(configs, named_args, **kwargs):
-        fma = kwargs.get("INPUT_PRECISION") == "ieee"
-        kept = [c for c in configs if (c.kwargs[k_block] == 16) == fma]
-        return kept or configs
+        if k_block is not None:
+            fma = kwargs.get("INPUT_PRECISION") == "ieee"
+            configs = [c for c in configs if (c.kwargs[k_block] == 16) == fma] or configs
+        if os.environ.get(AUTOTUNE_ENV) == "0":
+            configs = configs[:1]
+        return configs
 
     return prune
 

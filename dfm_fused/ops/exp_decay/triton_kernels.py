@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.triton_utils import autotune_configs, dot_precision, new_output, prune_for_precision
+from dfm_fused.ops.triton_utils import autotune_configs, dot_precision, new_output, prune_configs
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _matmul_configs():
 
 
 @triton.autotune(configs=_matmul_configs(), key=["C", "HAS_NORM", "HAS_RESIDUAL", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_for_precision("BLOCK_K")})
+                 prune_configs_by={"early_config_prune": prune_configs("BLOCK_K")})
 @triton.jit(do_not_specialize=["N", "HW"])
 def channel_matmul_kernel(
     x, m, h, scale, shift, out,
@@ -114,7 +114,7 @@ _SPLIT_QUANTUM = 128
 
 
 @triton.autotune(configs=_outer_configs(), key=["C", "HAS_NORM", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_for_precision("BLOCK_P")})
+                 prune_configs_by={"early_config_prune": prune_configs("BLOCK_P")})
 @triton.jit(do_not_specialize=["N", "HW", "SPLIT_LEN"])
 def channel_outer_kernel(
     x, g, scale, shift, part,

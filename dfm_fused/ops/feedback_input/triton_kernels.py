@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.triton_utils import autotune_configs, new_output
+from dfm_fused.ops.triton_utils import autotune_configs, new_output, prune_configs
+
+_PRUNE = {"early_config_prune": prune_configs()}
 
 
 @triton.jit
@@ -57,7 +59,7 @@ def _stats_configs():
     return autotune_configs(configs, triton.Config({"BLOCK": 256}, num_warps=4))
 
 
-@triton.autotune(configs=_stats_configs(), key=["CG"])
+@triton.autotune(configs=_stats_configs(), key=["CG"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_SPATIAL)
 def feedback_stats_kernel(
     h, mean, rstd,
@@ -107,7 +109,7 @@ def _normalized_softmax(h, mean, rstd, i_b, o_f, o_p, m_f, m_p,
     return b_n, b_e / tl.sum(b_e, axis=0)[None, :]
 
 
-@triton.autotune(configs=_pixel_configs(), key=["Cx", "CG", "G"])
+@triton.autotune(configs=_pixel_configs(), key=["Cx", "CG", "G"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_SPATIAL)
 def feedback_forward_kernel(
     x, h, mean, rstd, out,
@@ -141,7 +143,7 @@ def feedback_forward_kernel(
     tl.store(p_out + o_sp, b_s.to(out.dtype.element_ty), mask=m_f[:, None] & m_p[None, :])
 
 
-@triton.autotune(configs=_pixel_configs(), key=["Cx", "CG", "G"])
+@triton.autotune(configs=_pixel_configs(), key=["Cx", "CG", "G"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_SPATIAL + ["n_pb"])
 def feedback_backward_kernel(
     grad, h, mean, rstd, dn, n, part,
@@ -191,7 +193,7 @@ def _resize_configs():
     return autotune_configs(configs, triton.Config({"BLOCK": 64}, num_warps=4))
 
 
-@triton.autotune(configs=_resize_configs(), key=["fb", "BLOCK_KW"])
+@triton.autotune(configs=_resize_configs(), key=["fb", "BLOCK_KW"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_SPATIAL + ["KH"])
 def feedback_grad_h_kernel(
     dn, n, coef, grad_h,

@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.triton_utils import autotune_configs, new_output
+from dfm_fused.ops.triton_utils import autotune_configs, new_output, prune_configs
+
+_PRUNE = {"early_config_prune": prune_configs()}
 
 
 def _row_configs():
@@ -42,7 +44,7 @@ def group_moments(x, L, BLOCK: tl.constexpr):
     return b_shift + mean_d, var
 
 
-@triton.autotune(configs=_row_configs(), key=["L"])
+@triton.autotune(configs=_row_configs(), key=["L"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["L"])
 def group_stats_kernel(y, mean, rstd, L, eps, BLOCK: tl.constexpr):
     """y: (B * G, L) any float dtype; mean, rstd: (B * G,) float32."""
@@ -52,7 +54,7 @@ def group_stats_kernel(y, mean, rstd, L, eps, BLOCK: tl.constexpr):
     tl.store(rstd + pid, 1.0 / tl.sqrt(b_var + eps))
 
 
-@triton.autotune(configs=_row_configs(), key=["L"])
+@triton.autotune(configs=_row_configs(), key=["L"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["L"])
 def group_norm_backward_kernel(dn, y, mean, rstd, dy, L, BLOCK: tl.constexpr):
     """dn: (B * G, L) float32 gradient of the normalised y; y, dy: (B * G, L); mean, rstd: (B * G,)."""

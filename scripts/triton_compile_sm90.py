@@ -6,8 +6,8 @@ For each kernel, autotune config and dtype it prints shared memory and the ptxas
 spill counts, and exits non-zero if a config fails to compile or needs more than
 the 227 KiB of shared memory an sm_90 block may use.
 
-Usage: PYTHONPATH=. python scripts/triton_compile_sm90.py [--quick]
-(--quick: first config of each kernel only). Needs triton >= 3.3 (ASTSource with
+Usage: PYTHONPATH=. python scripts/triton_compile_sm90.py [--quick] [--only SUBSTRING]
+(--quick: first config of each kernel only; --only: kernels whose label contains SUBSTRING). Needs triton >= 3.3 (ASTSource with
 tuple-keyed constexprs); it does not need a GPU.
 """
 from __future__ import annotations
@@ -81,8 +81,11 @@ def spills(ptx: str) -> str:
 
 def main() -> int:
     quick = "--quick" in sys.argv
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     failures = 0
     for name, tuner, sig, const in cases():
+        if only not in name:
+            continue
         fn = tuner.fn
         configs = tuner.configs
         if tuner.early_config_prune is not None:

@@ -208,6 +208,31 @@ def test_gradients_are_views(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_and_underflow_like_the_reference(device):
+    """NaN and inf propagate to the same elements as in the reference; a huge t leaves h unchanged."""
+    C = 8
+    Q, S = decay_params(C, device)
+    y = torch.randn(2, C, 3, 3, device=device)
+    y[0, 1, 1, 1] = float("nan")
+    h = torch.randn(2, C, 3, 3, device=device)
+    h[1, 5, 0, 2] = float("inf")
+    x = torch.randn(2, 3, 6, 6, device=device)
+    pairs = [
+        (F.state_update(h, y, Q, S, 1, 1, 1, 2, backend="triton"), reference.state_update(h, y, Q, S, 1, 1, 1, 2)),
+        (F.exp_decay(y, Q, S, 1, 1, 1, backend="triton"), reference.exp_decay(y, Q, S, 1, 1, 1)),
+        (F.feedback_input(x, h, 4, 4, 2, backend="triton"), reference.feedback_input(x, h, 4, 4, 2)),
+    ]
+    for out, expected in pairs:
+        assert expected.isnan().any()
+        assert torch.equal(out.isnan(), expected.isnan())
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(out), finite)
+        assert rel_err(out[finite], expected[finite]) <= TOL[torch.float32]
+    h = torch.randn(2, C, 3, 3, device=device)
+    assert torch.equal(F.state_update(h, y.nan_to_num(), Q, S, 10_000, 0.01, 1.0, 2, backend="triton"), h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_float64_is_refused(device):
     x = torch.randn(1, 4, 2, 2, device=device, dtype=torch.float64)
     Q, S = decay_params(4, device)
@@ -361,6 +386,6 @@ def test_interpreter_suite():
     assert proc.returncode == 0, report
     passed = re.search(r"(\d+) passed", proc.stdout)
     # Every cpu case must have run: a silently skipped suite is a failure.
-    cpu_cases = 2 * len(DECAY_SHAPES) * len(DTYPES) + len(FEEDBACK_GEOMETRIES) * len(DTYPES) + 4
+    cpu_cases = 2 * len(DECAY_SHAPES) * len(DTYPES) + len(FEEDBACK_GEOMETRIES) * len(DTYPES) + 5
     assert passed and int(passed.group(1)) == cpu_cases, report
     assert " failed" not in proc.stdout, report

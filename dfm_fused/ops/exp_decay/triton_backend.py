@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import decay_grad_Q, decay_matrix, decay_vector
+from dfm_fused.ops.common import autocast_off, decay_grad_Q, decay_matrix, decay_vector
 from dfm_fused.ops.exp_decay.triton_kernels import channel_matmul, channel_outer
 from dfm_fused.ops.triton_utils import check_dtype, dot_dtype
 
@@ -25,6 +25,7 @@ class ExpDecayTriton(torch.autograd.Function):
         return channel_matmul(x, decay_matrix(Q, D, torch.float32).to(dot_dtype(x)), x.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         x, Q, D = ctx.saved_tensors
         g = grad_out.contiguous()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from dfm_fused.ops.common import autocast_off
 from dfm_fused.ops.feedback_input.triton_kernels import feedback_forward, feedback_grad_h, feedback_stats
 from dfm_fused.ops.triton_utils import check_dtype
 
@@ -29,6 +30,7 @@ class FeedbackInputTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         h, mean, rstd = ctx.saved_tensors
         Cx, offset, fb, groups, x_dtype = ctx.meta

@@ -85,7 +85,7 @@ def feedback_stats_kernel(
         s_d += b_d
         s_dd += b_d * b_d
     mean_d = tl.sum(s_d, axis=0) / L
-    var = tl.maximum(tl.sum(s_dd, axis=0) / L - mean_d * mean_d, 0.0)
+    var = tl.maximum(tl.sum(s_dd, axis=0) / L - mean_d * mean_d, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(mean + pid, b_shift + mean_d)
     tl.store(rstd + pid, 1.0 / tl.sqrt(var + eps))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import decay_grad_Q, decay_matrix, decay_vector
+from dfm_fused.ops.common import autocast_off, decay_grad_Q, decay_matrix, decay_vector
 from dfm_fused.ops.exp_decay.triton_kernels import channel_matmul, channel_outer
 from dfm_fused.ops.state_update.triton_kernels import group_affine, group_norm_backward, group_stats
 from dfm_fused.ops.triton_utils import check_dtype, dot_dtype
@@ -31,6 +31,7 @@ class StateUpdateTriton(torch.autograd.Function):
         return channel_matmul(y, M, h.dtype, h=h, scale=scale, shift=shift)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         y, Q, D, mean, rstd = ctx.saved_tensors
         grad_h = grad_out if ctx.needs_input_grad[0] else None

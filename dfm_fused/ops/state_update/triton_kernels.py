@@ -40,7 +40,7 @@ def group_moments(x, L, BLOCK: tl.constexpr):
         s_d += b_d
         s_dd += b_d * b_d
     mean_d = tl.sum(s_d, axis=0) / L
-    var = tl.maximum(tl.sum(s_dd, axis=0) / L - mean_d * mean_d, 0.0)
+    var = tl.maximum(tl.sum(s_dd, axis=0) / L - mean_d * mean_d, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return b_shift + mean_d, var
 
 

@@ -7,8 +7,8 @@ spill counts, and exits non-zero if a config fails to compile or needs more than
 the 227 KiB of shared memory an sm_90 block may use.
 
 Usage: PYTHONPATH=. python scripts/triton_compile_sm90.py [--quick] [--only SUBSTRING]
-(--quick: first config of each kernel only; --only: kernels whose label contains SUBSTRING). Needs triton >= 3.3 (ASTSource with
-tuple-keyed constexprs); it does not need a GPU.
+--quick: the first config of each kernel only; --only: kernels whose label contains SUBSTRING.
+Needs triton >= 3.3 (ASTSource with tuple-keyed constexprs); it does not need a GPU.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def cases():
             sig = dict(dn="*fp32", n="*fp32", coef="*fp32", grad_h=p, Ch="i32", offset="i32", fb="i32", Hi="i32",
                        Wi="i32", H="i32", W="i32", scale_h="fp32", scale_w="fp32", inv_scale_h="fp32",
                        inv_scale_w="fp32", KH="i32")
-            yield f"feedback_grad_h[{dt},BLOCK_KW={block_kw}]", feedback.feedback_grad_h_kernel, sig, dict(BLOCK_KW=block_kw)
+            yield (f"feedback_grad_h[{dt},BLOCK_KW={block_kw}]", feedback.feedback_grad_h_kernel, sig,
+                   dict(BLOCK_KW=block_kw))
 
 
 def spills(ptx: str) -> str:

@@ -33,11 +33,12 @@ HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 CPU = pytest.param(
-    "cpu", marks=pytest.mark.skipif(not INTERPRET, reason="interpreter cases run in test_interpreter_suite's subprocess")
+    "cpu",
+    marks=pytest.mark.skipif(not INTERPRET, reason="interpreter cases run in test_interpreter_suite's subprocess"),
 )
 CUDA = pytest.param(
     "cuda",
-    marks=pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and compiled, not interpreted, triton)"),
+    marks=pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and compiled, not interpreted triton)"),
 )
 DEVICES = [CPU, CUDA]
 needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU")

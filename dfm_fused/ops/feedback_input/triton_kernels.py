@@ -103,7 +103,9 @@ def _normalized_softmax(h, mean, rstd, i_b, o_f, o_p, m_f, m_p,
     p_h = h + (i_b.to(tl.int64) * Ch + offset + o_f[:, None]) * Hi * Wi
     b_r = resize_taps(p_h, o_p[None, :], W, Wi, Hi, scale_h, scale_w, m_fp)
     i_stat = i_b * G + o_f // CG
-    b_n = (b_r - tl.load(mean + i_stat, mask=m_f, other=0.0)[:, None]) * tl.load(rstd + i_stat, mask=m_f, other=0.0)[:, None]
+    b_mean = tl.load(mean + i_stat, mask=m_f, other=0.0)
+    b_rstd = tl.load(rstd + i_stat, mask=m_f, other=0.0)
+    b_n = (b_r - b_mean[:, None]) * b_rstd[:, None]
     b_z = tl.where(m_f[:, None], b_n, float("-inf"))
     b_e = tl.exp(b_z - tl.max(b_z, axis=0)[None, :])
     return b_n, b_e / tl.sum(b_e, axis=0)[None, :]

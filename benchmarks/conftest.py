@@ -101,13 +101,14 @@ def run_benchmark(benchmark, case, peaks, rss_results, budget_s=1.0):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Add speed-up and memory ratios against each group's reference to the JSON."""
-    records = []
-    for b in output_json["benchmarks"]:
-        info = b["extra_info"]
-        records.append({"group": b["group"], "impl": info["impl"], "memory": info["memory"],
-                        "time_s": {"median": b["stats"]["median"]}})
+    ours = [b for b in output_json["benchmarks"] if "impl" in b["extra_info"] and "memory" in b["extra_info"]]
+    records = [
+        {"group": b["group"], "impl": b["extra_info"]["impl"], "memory": b["extra_info"]["memory"],
+         "time_s": {"median": b["stats"]["median"]}}
+        for b in ours
+    ]
     report.add_ratios(records)
-    for b, r in zip(output_json["benchmarks"], records):
+    for b, r in zip(ours, records):
         for key in ("speedup", "memory_ratio", "graph_memory_ratio"):
             if key in r:
                 b["extra_info"][key] = r[key]

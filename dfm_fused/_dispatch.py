@@ -83,12 +83,19 @@ class _Backend:
     module: str  # import path, with ``{op}`` standing for the op's name
     devices: tuple[str, ...]
     probe: Callable[[str], None]
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: every floating dtype
 
 
 _BACKENDS = {
     b.name: b
     for b in (
-        _Backend("triton", "dfm_fused.ops.{op}.triton_backend", ("cuda", "cpu"), _triton_probe),
+        _Backend(
+            "triton",
+            "dfm_fused.ops.{op}.triton_backend",
+            ("cuda", "cpu"),
+            _triton_probe,
+            (torch.float16, torch.bfloat16, torch.float32),
+        ),
         _Backend("cuda", "dfm_fused.ops.{op}.extension_backend", ("cuda",), _extension_probe),
         _Backend("cpp", "dfm_fused.ops.{op}.extension_backend", ("cpu",), _extension_probe),
         _Backend("torch", "dfm_fused.ops.{op}.torch_backend", ("cpu", "cuda"), _always),
@@ -212,14 +219,21 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
-    """``(backend name, implementation)`` of ``op`` for tensors on ``device_type``."""
-    name = _resolve_name(op, device_type, backend)
+def resolve(
+    op: str, device_type: str, backend: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[str, Callable]:
+    """``(backend name, implementation)`` of ``op`` for tensors on ``device_type``.
+
+    ``dtype`` (the widest input dtype) lets ``auto`` pass over backends that do not
+    take it (triton has no float64); a forced backend gets the call regardless and
+    raises its own error.
+    """
+    name = _resolve_name(op, device_type, backend, dtype)
     return name, _cache[(name, device_type)][op]
 
 
 @torch.compiler.assume_constant_result
-def _resolve_name(op: str, device_type: str, backend: str | None) -> str:
+def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.dtype | None) -> str:
     # Under torch.compile this runs once at trace time and its result is baked
     # into the graph, so dispatch costs nothing per call and breaks no graph.
     name = _check_name(backend, "backend") if backend is not None else get_backend()
@@ -228,6 +242,10 @@ def _resolve_name(op: str, device_type: str, backend: str | None) -> str:
         return name
     reasons = []
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+        supported = _BACKENDS[candidate].dtypes
+        if dtype is not None and supported is not None and dtype not in supported:
+            reasons.append(f"backend {candidate!r} does not take {dtype}")
+            continue
         try:
             _load(candidate, device_type)
             return candidate

@@ -13,6 +13,8 @@ promoted with it; ``feedback_input``: float32 or wider) but computes as above.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dfm_fused import _checks
@@ -101,7 +103,8 @@ def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, b
 def _call(op, device_type, backend, autocast_dtype, *args):
     """Run ``op`` on the chosen backend. Under ``torch.autocast`` the result has the dtype
     the reference would return there, while the op itself keeps its float32 state math."""
-    impl = resolve(op, device_type, backend)[1]
+    widest = functools.reduce(torch.promote_types, (a.dtype for a in args if isinstance(a, torch.Tensor)))
+    impl = resolve(op, device_type, backend, widest)[1]
     if not torch.is_autocast_enabled(device_type):
         return impl(*args)
     with torch.autocast(device_type, enabled=False):

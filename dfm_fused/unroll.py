@@ -250,9 +250,12 @@ class _UnrollFunction(torch.autograd.Function):
 
 
 def _copy_all(destinations, sources) -> None:
+    # Through ``.data`` so that version counters do not move: a graph outside the step
+    # (a frontend's batch_norm) may have saved these buffers, and the values it will
+    # see at backward time are the same as without the replay.
     with torch.no_grad():
         for destination, source in zip(destinations, sources):
-            destination.copy_(source)
+            destination.data.copy_(source)
 
 
 def _accumulate(total, grad):

@@ -161,7 +161,7 @@ def save_figure(path, rows, T: int) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=300, help="training iterations per model")
+    parser.add_argument("--iters", type=int, default=200, help="training iterations per model")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="image side (even)")
     parser.add_argument("--width", type=int, default=16, help="channels of the networks")

@@ -313,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
   const at::Tensor x = x_.contiguous(), grad = grad_.contiguous();
   at::Tensor grad_x = at::empty({0}, x.options()), grad_Q = at::empty({0}, Q.options());
   if (x.numel() == 0) {
-    if (need_x) grad_x = at::zeros_like(x_, layout_of(x_));
+    if (need_x) grad_x = at::zeros_like(x_, x_.options(), layout_of(x_));
     if (need_Q) grad_Q = at::zeros_like(Q);
     return {grad_x, grad_Q};
   }
@@ -369,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
   const int64_t B = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3), n = C / groups * HW;
   at::Tensor grad_y = at::empty({0}, y.options()), grad_Q = at::empty({0}, Q.options());
   if (y.numel() == 0) {
-    if (need_y) grad_y = at::zeros_like(y_, layout_of(grad_));
+    if (need_y) grad_y = at::zeros_like(y_, y_.options(), layout_of(grad_));
     if (need_Q) grad_Q = at::zeros_like(Q);
     return {grad_y, grad_Q};
   }

@@ -53,13 +53,19 @@ def _triton_probe(device_type: str) -> None:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailable("triton runs CPU tensors only under TRITON_INTERPRET=1")
     if device_type == "cuda":
-        import torch
+        _cuda_device_probe()
 
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("no CUDA device is available")
+
+def _cuda_device_probe() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("no CUDA device is available")
 
 
 def _extension_probe(device_type: str) -> None:
+    if device_type == "cuda":
+        _cuda_device_probe()
     try:
         extension = importlib.import_module("dfm_fused._extension")
     except ImportError as exc:

@@ -1,0 +1,83 @@
+"""Backend selection: auto, forcing, the environment variable, unavailable backends."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dfm_fused
+from dfm_fused import _dispatch
+
+from _helpers import decay_args
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    yield
+    dfm_fused.set_backend(None)
+
+
+def test_reference_and_torch_are_always_available_on_cpu():
+    available = dfm_fused.available_backends("cpu")
+    assert "torch" in available and "reference" in available
+    status = dfm_fused.backend_status("cpu")
+    assert status["cuda"] and "does not run on 'cpu'" in status["cuda"]
+
+
+def test_auto_picks_the_first_available_backend_for_the_device():
+    name, _ = _dispatch.resolve("state_update", "cpu")
+    order = [b for b in _dispatch._AUTO_ORDER["cpu"] if b in dfm_fused.available_backends("cpu")]
+    assert name == order[0]
+
+
+def test_set_backend_forces_and_use_backend_restores():
+    dfm_fused.set_backend("reference")
+    assert dfm_fused.get_backend() == "reference"
+    assert _dispatch.resolve("exp_decay", "cpu")[0] == "reference"
+    with dfm_fused.use_backend("torch"):
+        assert _dispatch.resolve("exp_decay", "cpu")[0] == "torch"
+    assert dfm_fused.get_backend() == "reference"
+    dfm_fused.set_backend("auto")
+    assert dfm_fused.get_backend() == "auto"
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match=r"set_backend\(name\): expected one of auto, triton"):
+        dfm_fused.set_backend("fast")
+    x = torch.randn(1, 4, 2, 2)
+    Q, S = decay_args(4)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_backend_raises_with_the_reason():
+    with pytest.raises(dfm_fused.BackendUnavailable, match="no CUDA device|does not run on"):
+        dfm_fused.set_backend("cuda")
+    x = torch.randn(1, 4, 2, 2)
+    Q, S = decay_args(4)
+    with pytest.raises(dfm_fused.BackendUnavailable, match="does not run on 'cpu'"):
+        dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cuda")
+    assert dfm_fused.get_backend() == "auto"  # a refused set_backend leaves the setting alone
+
+
+def test_environment_variable_forces_a_backend_in_a_fresh_process():
+    code = (
+        "import torch, dfm_fused\n"
+        "from dfm_fused import _dispatch\n"
+        "print(dfm_fused.get_backend(), _dispatch.resolve('state_update', 'cpu')[0])\n"
+    )
+    env = {**_env(), "DFM_FUSED_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "reference"]
+    bad = subprocess.run(
+        [sys.executable, "-c", code], env={**_env(), "DFM_FUSED_BACKEND": "nope"}, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "environment variable DFM_FUSED_BACKEND: expected one of" in bad.stderr
+
+
+def _env():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "DFM_FUSED_BACKEND"}

@@ -1,0 +1,140 @@
+"""Every fused op on every CPU backend against the literal reference, forward and backward."""
+import pytest
+import torch
+
+import dfm_fused
+from dfm_fused import reference
+
+from _helpers import TOLERANCE, assert_close, cpu_backends, decay_args, grads
+
+SHAPES = [(1, 12, 1, 1), (3, 20, 7, 5), (2, 36, 4, 4), (1, 8, 16, 16)]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        # A non-contiguous view with the same values: every other column of a wider tensor.
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_exp_decay_matches_reference(backend, shape, dtype, layout):
+    B, C, H, W = shape
+    x = _layout(torch.randn(shape, dtype=dtype), layout).requires_grad_()
+    Q, S = decay_args(C, dtype)
+    args = (x, Q, S, 3.0, 0.7, 1.3)
+    out = dfm_fused.exp_decay(*args, backend=backend)
+    expected = reference.exp_decay(*args)
+    assert out.dtype == x.dtype
+    assert_close(out, expected, dtype, "out")
+    g = torch.randn_like(expected)
+    for name, a, e in zip(("x", "Q"), grads(out, (x, Q), g), grads(expected, (x, Q), g)):
+        assert_close(a, e, dtype, f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape,groups", [((1, 12, 1, 1), 4), ((3, 20, 7, 5), 5), ((2, 36, 4, 4), 1), ((3, 24, 2, 3), 24)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_state_update_matches_reference(backend, shape, groups, dtype, layout):
+    C = shape[1]
+    h = _layout(torch.randn(shape, dtype=dtype), layout).requires_grad_()
+    y = _layout(3 * torch.randn(shape, dtype=dtype) + 1, layout).requires_grad_()
+    Q, S = decay_args(C, dtype)
+    args = (h, y, Q, S, 2.0, 0.9, 0.8, groups, 1e-5)
+    out = dfm_fused.state_update(*args, backend=backend)
+    expected = reference.state_update(*args)
+    assert out.dtype == h.dtype
+    assert_close(out, expected, dtype, "out")
+    g = torch.randn_like(expected)
+    for name, a, e in zip(("h", "y", "Q"), grads(out, (h, y, Q), g), grads(expected, (h, y, Q), g)):
+        assert_close(a, e, dtype, f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize(
+    "x_shape,h_shape,offset,fb,groups",
+    [
+        ((1, 5, 1, 1), (1, 12, 1, 1), 4, 8, 2),  # 1x1 everywhere
+        ((3, 6, 11, 9), (3, 20, 3, 2), 12, 8, 4),  # odd upsampling factors
+        ((2, 4, 7, 5), (2, 10, 7, 5), 0, 6, 3),  # same size: the resize is the identity
+        ((2, 3, 4, 4), (2, 9, 8, 8), 3, 6, 6),  # downsampling
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_feedback_input_matches_reference(backend, x_shape, h_shape, offset, fb, groups, dtype, layout):
+    x = _layout(torch.randn(x_shape, dtype=dtype), layout).requires_grad_()
+    h = _layout(2 * torch.randn(h_shape, dtype=dtype), layout).requires_grad_()
+    out = dfm_fused.feedback_input(x, h, offset, fb, groups, 1e-5, backend=backend)
+    expected = reference.feedback_input(x, h, offset, fb, groups, 1e-5)
+    assert_close(out, expected, dtype, "out")
+    g = torch.randn_like(expected)
+    for name, a, e in zip(("x", "h"), grads(out, (x, h), g), grads(expected, (x, h), g)):
+        assert_close(a, e, dtype, f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_feedback_input_grad_x_is_a_view_of_the_incoming_gradient(backend):
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    h = torch.randn(2, 8, 3, 3, requires_grad=True)
+    out = dfm_fused.feedback_input(x, h, 2, 4, 2, backend=backend)
+    g = torch.randn_like(out)
+    grad_x, = torch.autograd.grad(out, x, g)
+    assert grad_x.data_ptr() == g.data_ptr()
+    assert torch.equal(grad_x, g[:, :4])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gradcheck_float64(backend):
+    C = 6
+    Q, S = decay_args(C, torch.float64)
+    x = torch.randn(2, C, 3, 2, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, C, 3, 2, dtype=torch.float64, requires_grad=True)
+    xf = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, Q: dfm_fused.exp_decay(x, Q, S, 2.0, 0.5, 1.0, backend=backend), (x, Q))
+    assert torch.autograd.gradcheck(
+        lambda h, y, Q: dfm_fused.state_update(h, y, Q, S, 1.0, 0.5, 1.0, 3, 1e-5, backend=backend), (h, x, Q)
+    )
+    assert torch.autograd.gradcheck(
+        lambda xf, h: dfm_fused.feedback_input(xf, h, 2, 4, 2, 1e-5, backend=backend), (xf, h)
+    )
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_ops_accept_tensor_scalars_and_large_t(backend):
+    """t, tau, alpha as 0-d tensors (as the modules pass them); huge t decays to exactly M = 0."""
+    C = 10
+    Q, S = decay_args(C)
+    x = torch.randn(2, C, 3, 3)
+    t, tau, alpha = torch.tensor(4.0), torch.tensor(0.5), torch.tensor(2.0)
+    out = dfm_fused.exp_decay(x, Q, S, t, tau, alpha, backend=backend)
+    assert_close(out, reference.exp_decay(x, Q, S, t, tau, alpha), torch.float32)
+    far = dfm_fused.exp_decay(x, Q, S, 1e6, 0.1, 1.0, backend=backend)
+    assert torch.isfinite(far).all() and far.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_half_precision_inputs_keep_their_dtype(backend):
+    C = 16
+    Q, S = decay_args(C)
+    h = torch.randn(2, C, 4, 4)
+    for dtype in (torch.float16, torch.bfloat16):
+        y = torch.randn(2, C, 4, 4).to(dtype)
+        out = dfm_fused.state_update(h, y, Q, S, 1.0, 1.0, 1.0, 4, backend=backend)
+        expected = reference.state_update(h, y.float(), Q, S, 1.0, 1.0, 1.0, 4)
+        assert out.dtype == torch.float32
+        assert_close(out, expected, torch.float32, "half y")
+        x = torch.randn(2, C, 4, 4).to(dtype)
+        out = dfm_fused.exp_decay(x, Q, S, 1.0, 1.0, 1.0, backend=backend)
+        assert out.dtype == dtype
+        assert_close(out, reference.exp_decay(x.float(), Q, S, 1.0, 1.0, 1.0).to(dtype), dtype, "half x")
+    assert TOLERANCE[torch.bfloat16] >= TOLERANCE[torch.float16]

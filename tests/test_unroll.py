@@ -1,0 +1,198 @@
+"""unroll: memory-saving backward equals full backprop, buffers once per step, trajectory losses, memory."""
+import copy
+
+import pytest
+import torch
+
+import dfm_fused
+from dfm_fused import reference
+
+from _helpers import rel_err
+
+CX, FB, C, GROUPS = 4, 4, 8, 2
+
+
+class Step(torch.nn.Module):
+    """A small DFM step: feedback concat -> conv/BN/ReLU/dropout body -> GroupNorm + decay + residual.
+
+    ``literal=True`` runs the same parameters through the reference ops (the oracle loop).
+    """
+
+    def __init__(self, literal=False, dropout=0.2):
+        super().__init__()
+        self.literal = literal
+        self.conv = torch.nn.Conv2d(CX + FB, C, 3, padding=1, stride=2)
+        self.bn = torch.nn.BatchNorm2d(C)
+        self.drop = torch.nn.Dropout(dropout)
+        self.feedback = dfm_fused.FeedbackInput(FB, C - FB, GROUPS)
+        self.update = dfm_fused.StateUpdate(C, GROUPS, tau=0.8)
+
+    def forward(self, x, h, t):
+        if self.literal:
+            x_tilde = reference.feedback_input(x, h, C - FB, FB, GROUPS)
+        else:
+            x_tilde = self.feedback(x, h)
+        y = self.drop(torch.relu(self.bn(self.conv(x_tilde))))
+        if self.literal:
+            u = self.update
+            if u.training and t == 0:
+                u.reorthogonalize(u.Q)
+            return reference.state_update(h, y, u.Q, u.S, u.T * t, u.tau, u.alpha, GROUPS)
+        return self.update(h, y, t)
+
+
+def _make(dtype=torch.float64, dropout=0.2):
+    torch.manual_seed(1)
+    step = Step(dropout=dropout).to(dtype)
+    with torch.no_grad():
+        step.update.Q.add_(0.05 * torch.randn_like(step.update.Q))  # not orthogonal: the QR step matters
+    return step
+
+
+def _inputs(dtype=torch.float64):
+    x = torch.randn(3, CX, 8, 6, dtype=dtype, requires_grad=True)
+    h0 = (1e-3 * torch.randn(3, C, 4, 3, dtype=dtype)).requires_grad_()
+    return x, h0
+
+
+def _run(step, x, h0, T, mode, weights):
+    """Trajectory loss sum_t w_t * <h_t, h_t> and its gradients, for one of the three loop variants."""
+    torch.manual_seed(123)  # the same dropout masks in every variant
+    if mode == "python_loop_reference":
+        step.literal = True
+        states, h = [], h0
+        for t in range(T):
+            h = step(x, h, t)
+            states.append(h)
+        step.literal = False
+    else:
+        states = dfm_fused.unroll(step, x, h0, T, checkpoint=(mode == "checkpoint"), return_states=True)
+    loss = sum(w * (s * s).sum() for w, s in zip(weights, states))
+    loss.backward()
+    params = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+    return states, params, x.grad.clone(), h0.grad.clone()
+
+
+@pytest.mark.parametrize("trajectory", [False, True])
+def test_checkpoint_equals_plain_graph_and_reference_loop(trajectory):
+    T = 4
+    weights = [0.5, 1.0, 0.0, 2.0] if trajectory else [0.0, 0.0, 0.0, 1.0]
+    base = _make()
+    results, buffers = {}, {}
+    for mode in ("checkpoint", "plain", "python_loop_reference"):
+        step = copy.deepcopy(base).train()
+        torch.manual_seed(7)
+        x, h0 = _inputs()
+        results[mode] = _run(step, x, h0, T, mode, weights)
+        buffers[mode] = {n: b.clone() for n, b in step.named_buffers()}
+        buffers[mode]["Q"] = step.update.Q.detach().clone()
+    states_c, params_c, gx_c, gh_c = results["checkpoint"]
+    for other in ("plain", "python_loop_reference"):
+        states_o, params_o, gx_o, gh_o = results[other]
+        for a, b in zip(states_c, states_o):
+            assert rel_err(a, b) < 1e-12
+        assert params_c.keys() == params_o.keys() and "update.Q" in params_c and "conv.weight" in params_c
+        for name in params_c:  # conv.bias feeds BatchNorm, so its gradient is ~1e-15: atol matters
+            assert torch.allclose(params_c[name], params_o[name], rtol=1e-9, atol=1e-12), name
+        assert rel_err(gx_c, gx_o) < 1e-10 and rel_err(gh_c, gh_o) < 1e-10
+        for name, value in buffers["checkpoint"].items():
+            # Bitwise against the plain graph (same kernels); to rounding against the reference ops.
+            if other == "plain":
+                assert torch.equal(value, buffers[other][name]), f"{name} differs from {other}"
+            else:
+                assert torch.allclose(value, buffers[other][name], rtol=1e-10, atol=1e-14), f"{name} vs {other}"
+    assert int(buffers["checkpoint"]["bn.num_batches_tracked"]) == T
+
+
+def test_eval_mode_and_no_grad_paths():
+    step = _make().eval()
+    x, h0 = _inputs()
+    with torch.no_grad():
+        out_no_grad = dfm_fused.unroll(step, x, h0, 3)
+    out = dfm_fused.unroll(step, x, h0, 3)
+    out.sum().backward()
+    assert torch.equal(out.detach(), out_no_grad)
+    assert dfm_fused.unroll(step, x, h0, 0) is h0
+    assert dfm_fused.unroll(step, x, h0, 0, return_states=True) == []
+
+
+def test_parameter_gradients_accumulate_once_per_backward():
+    step = _make()
+    calls = {}
+    for name, p in step.named_parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    x, h0 = _inputs()
+    dfm_fused.unroll(step, x, h0, 5).sum().backward()
+    assert calls and set(calls.values()) == {1}, calls
+
+
+def _saved_bytes(fn):
+    """Bytes the autograd graph keeps, counting each storage once."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def test_checkpoint_graph_memory_is_one_step_plus_states():
+    step = _make(torch.float32, dropout=0.0).train()
+    x = torch.randn(4, CX, 32, 32, requires_grad=True)
+    h0 = 1e-3 * torch.randn(4, C, 16, 16)
+    state_bytes = h0.numel() * h0.element_size()
+    one_step, _ = _saved_bytes(lambda: dfm_fused.unroll(step, x, h0, 1, checkpoint=False))
+    plain8, _ = _saved_bytes(lambda: dfm_fused.unroll(step, x, h0, 8, checkpoint=False))
+    ckpt8, out = _saved_bytes(lambda: dfm_fused.unroll(step, x, h0, 8, checkpoint=True))
+    assert ckpt8 <= one_step + 8 * state_bytes, (ckpt8, one_step, state_bytes)
+    assert plain8 >= 6 * one_step  # the plain graph grows with T
+    out.sum().backward()  # and the checkpointed graph still back-propagates
+    assert step.conv.weight.grad is not None
+
+
+def test_lost_gradient_is_an_error_not_silence():
+    step = _make()
+    outside = torch.nn.Parameter(torch.ones(()))
+    x, h0 = _inputs()
+    out = dfm_fused.unroll(lambda x, h, t: step(x, h, t) * outside, x, h0, 2, module=step)
+    with pytest.raises(RuntimeError, match="not parameters of `module`"):
+        out.sum().backward()
+    # Naming the module that holds every parameter makes it work.
+    holder = torch.nn.ModuleDict({"step": step})
+    holder.outside = outside
+    out = dfm_fused.unroll(lambda x, h, t: step(x, h, t) * outside, x, h0, 2, module=holder)
+    out.sum().backward()
+    assert outside.grad is not None
+
+
+def test_step_mutating_parameters_during_replay_is_an_error():
+    """The reference StateExpDecay re-orthogonalises on every call at T == 0, replay included."""
+    torch.manual_seed(0)
+    head = reference.StateExpDecay(C, (4, 3)).train()
+    with torch.no_grad():
+        head.Q.add_(0.1)
+
+    def step(x, h, t):
+        return h + head(h, T=t)
+
+    h0 = torch.randn(2, C, 4, 3, requires_grad=True)
+    out = dfm_fused.unroll(step, None, h0, 2, module=head)
+    with pytest.raises(RuntimeError, match="modified parameter"):
+        out.sum().backward()
+
+
+def test_bad_arguments():
+    step = _make()
+    x, h0 = _inputs()
+    with pytest.raises(ValueError, match="T: expected an int >= 0"):
+        dfm_fused.unroll(step, x, h0, -1)
+    with pytest.raises(TypeError, match="T: expected an int"):
+        dfm_fused.unroll(step, x, h0, 2.5)
+    with pytest.raises(ValueError, match=r"step: expected it to return a state of shape \(3, 8, 4, 3\)"):
+        dfm_fused.unroll(lambda x, h, t: h[:, :4], x, h0, 2)
+    with pytest.raises(TypeError, match="step: expected a callable"):
+        dfm_fused.unroll(3, x, h0, 2)

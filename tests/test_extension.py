@@ -218,6 +218,31 @@ def test_cpu_results_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_fake_and_autograd_registrations(layout, device):
+    """torch.library.opcheck: schema, fake (meta) kernels incl. output strides, autograd registration."""
+    _ops()
+    ops = torch.ops.dfm_fused
+    C, groups = 6, 3
+    x = _layout(torch.randn(2, C, 5, 4, device=device), layout).requires_grad_()
+    h = _layout(torch.randn(2, C, 5, 4, device=device), layout).requires_grad_()
+    g = _layout(torch.randn(2, C, 5, 4, device=device), layout)
+    Q = torch.randn(C, C, device=device).t().detach().requires_grad_()  # column-major, as QR returns it
+    D = torch.rand(C, device=device)
+    torch.library.opcheck(ops.exp_decay, (x, Q, D))
+    torch.library.opcheck(ops.exp_decay_backward, (g, x.detach(), Q.detach(), D, True, True))
+    out, mean, rstd = ops.state_update(h, x, Q, D, groups, 1e-5)
+    torch.library.opcheck(ops.state_update, (h, x, Q, D, groups, 1e-5))
+    torch.library.opcheck(ops.state_update_backward, (g, x.detach(), Q.detach(), D, mean, rstd, groups, True, True))
+    xs = _layout(torch.randn(2, 3, 5, 4, device=device), layout).requires_grad_()
+    hs = _layout(torch.randn(2, 7, 3, 2, device=device), layout).requires_grad_()
+    out, mean, rstd = ops.feedback_input(xs, hs, 1, 4, 2, 1e-5)
+    torch.library.opcheck(ops.feedback_input, (xs, hs, 1, 4, 2, 1e-5))
+    gs = _layout(torch.randn(out.shape, device=device), layout)
+    torch.library.opcheck(ops.feedback_input_backward, (gs, hs.detach(), mean, rstd, 1, 4, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", ["exp_decay", "state_update", "feedback_input"])
 def test_torch_compile_fullgraph(op, device):
     exp_decay, feedback_input, state_update = _ops()
@@ -237,7 +262,9 @@ def test_torch_compile_fullgraph(op, device):
         fn = lambda x, h: feedback_input(x, h, 2, 6, 3, 1e-5)  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True)
     eager_out, eager_grads = _run(fn, args)
-    out, grads = _run(compiled, args)
+    # No on-disk caches: a graph cached by an older build of the ops must not be reused.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        out, grads = _run(compiled, args)
     torch.testing.assert_close(out, eager_out)
     for a, e in zip(grads, eager_grads):
         torch.testing.assert_close(a, e)

@@ -53,7 +53,7 @@ at::Tensor grad_Q_from_parts(const at::Tensor& parts, const at::Tensor& Q, const
   AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "dfm_fused_sum_parts", [&] {
     sum_parts(parts.const_data_ptr<scalar_t>(), parts.size(0), A.numel(), A.mutable_data_ptr<scalar_t>());
   });
-  return D.unsqueeze(1) * at::mm(Q, A + A.t());
+  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
 }
 
 // GroupNorm statistics (biased variance) of y, one pass with double accumulators.

@@ -252,7 +252,7 @@ void launch_matmul(const at::Tensor& M, const at::Tensor& x, const at::Tensor& m
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const dim3 grid(blocks_for(HW, BN), blocks_for(C, BM), static_cast<unsigned>(B));
   const bool vec = vec_ok(HW, {&x, &add, &out});
-  channel_matmul_kernel<scalar_t, acc_t, out_t, NORM, ADD><<<grid, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+  channel_matmul_kernel<scalar_t, acc_t, out_t, NORM, ADD><<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
       M.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), NORM ? mean.const_data_ptr<acc_t>() : nullptr,
       NORM ? rstd.const_data_ptr<acc_t>() : nullptr, static_cast<int>(C / groups), static_cast<int>(groups),
       ADD ? add.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<out_t>(), static_cast<int>(C), HW, vec);
@@ -271,7 +271,7 @@ at::Tensor grad_Q_of(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
   const int64_t used = (P + chunk - 1) / chunk;
   at::Tensor part = at::empty({used, C, C}, Q.options());
   const dim3 grid(blocks_for(C, BM), blocks_for(C, BM), static_cast<unsigned>(used));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   outer_partial_kernel<scalar_t, acc_t, NORM><<<grid, THREADS, 0, stream>>>(
       a.const_data_ptr<scalar_t>(), NORM ? mean.const_data_ptr<acc_t>() : nullptr,
       NORM ? rstd.const_data_ptr<acc_t>() : nullptr, static_cast<int>(C / groups), static_cast<int>(groups),
@@ -281,7 +281,7 @@ at::Tensor grad_Q_of(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
   sum_parts_kernel<acc_t><<<blocks_for(C * C, 256), 256, 0, stream>>>(part.const_data_ptr<acc_t>(), used, C * C,
                                                                       A.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return D.unsqueeze(1) * at::mm(Q, A + A.t());
+  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
 }
 
 at::Tensor to_layout(const at::Tensor& t, at::MemoryFormat fmt) {
@@ -347,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_state_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     group_stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * groups), STAT_THREADS, 0,
-                                          at::cuda::getCurrentCUDAStream()>>>(
+                                          c10::cuda::getCurrentCUDAStream()>>>(
         y.const_data_ptr<scalar_t>(), C / groups * HW, eps, mean.mutable_data_ptr<acc_t>(),
         rstd.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -376,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_state_update_backward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = c10::cuda::getCurrentCUDAStream();
     if (need_y) {
       at::Tensor gn = at::empty(y.sizes(), Q.options());
       launch_matmul<scalar_t, acc_t, false, false>(decay_matrix(Q, D), grad, at::Tensor(), at::Tensor(), 1,

@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_feedback_input_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t sy = static_cast<acc_t>(g.hh) / static_cast<acc_t>(H), sx = static_cast<acc_t>(g.ww) / static_cast<acc_t>(W);
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = c10::cuda::getCurrentCUDAStream();
     stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * groups), THREADS, 0, stream>>>(
         h.const_data_ptr<scalar_t>(), g, sy, sx, eps, mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -258,7 +258,7 @@ at::Tensor feedback_input_backward(const at::Tensor& grad_, const at::Tensor& h_
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t sy = static_cast<acc_t>(g.hh) / static_cast<acc_t>(H), sx = static_cast<acc_t>(g.ww) / static_cast<acc_t>(W);
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = c10::cuda::getCurrentCUDAStream();
     at::Tensor gn = at::empty({B, fb, H, W}, mean.options());
     at::Tensor c1 = at::empty({B, groups}, mean.options()), c2 = at::empty({B, groups}, mean.options());
     softmax_backward_kernel<scalar_t, acc_t><<<blocks_for(B * H * W, THREADS), THREADS, 0, stream>>>(

@@ -21,7 +21,7 @@ def _exp_decay_fake(x, Q, D):
 @torch.library.register_fake("dfm_fused::exp_decay_backward")
 def _exp_decay_backward_fake(grad, x, Q, D, need_x, need_Q):
     grad_x = torch.empty_like(x, memory_format=memory_format_of(x)) if need_x else x.new_empty((0,))
-    grad_Q = torch.empty_like(Q) if need_Q else Q.new_empty((0,))
+    grad_Q = Q.new_empty(Q.shape) if need_Q else Q.new_empty((0,))
     return grad_x, grad_Q
 
 

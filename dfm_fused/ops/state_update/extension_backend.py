@@ -23,7 +23,7 @@ def _state_update_fake(h, y, Q, D, groups, eps):
 @torch.library.register_fake("dfm_fused::state_update_backward")
 def _state_update_backward_fake(grad, y, Q, D, mean, rstd, groups, need_y, need_Q):
     grad_y = torch.empty_like(y, memory_format=memory_format_of(grad)) if need_y else y.new_empty((0,))
-    grad_Q = torch.empty_like(Q) if need_Q else Q.new_empty((0,))
+    grad_Q = Q.new_empty(Q.shape) if need_Q else Q.new_empty((0,))
     return grad_y, grad_Q
 
 

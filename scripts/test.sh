@@ -6,16 +6,15 @@
 # .venv-test), TORCH_CUDA_ARCH_LIST (default 9.0 here, to keep the CUDA compile short).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$PWD"
-VENV="${DFM_FUSED_VENV:-.venv}"
-TEST_VENV="${DFM_FUSED_TEST_VENV:-.venv-test}"
+VENV="$(realpath -m "${DFM_FUSED_VENV:-.venv}")"
+TEST_VENV="$(realpath -m "${DFM_FUSED_TEST_VENV:-.venv-test}")"
 # torch 2.14.1 is the CUDA build (it runs on the CPU too, ships triton, and lets the
 # CUDA sources compile on a machine without a GPU).
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" ninja setuptools wheel
 rm -rf dist
 start=$(date +%s)
-PATH="$ROOT/$VENV/bin:$PATH" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" bash scripts/build_wheel.sh dist
+PATH="$VENV/bin:$PATH" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" bash scripts/build_wheel.sh dist
 echo "wheel built in $(( $(date +%s) - start )) s"
 
 rm -rf "$TEST_VENV"
@@ -26,4 +25,4 @@ python3 -m venv "$TEST_VENV"
 # test_extension.py asserts this (DFM_FUSED_EXPECT_INSTALLED) and that the extension loads.
 cd tests
 DFM_FUSED_EXPECT_INSTALLED=1 DFM_FUSED_REQUIRE_EXTENSION=1 \
-    "$ROOT/$TEST_VENV/bin/python" -m pytest . -q -p no:cacheprovider "$@"
+    "$TEST_VENV/bin/python" -m pytest . -q -p no:cacheprovider "$@"

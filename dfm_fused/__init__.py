@@ -7,6 +7,8 @@ Public API:
 - modules: :class:`StateExpDecay` (drop-in for the reference), :class:`FeedbackInput`,
   :class:`StateUpdate`;
 - :func:`unroll`: the T-step loop with memory-saving backward;
+- whole models: :class:`FeedbackModel` (any network as a DFM), :mod:`dfm_fused.models`
+  (ResNet and segmentation DFMs), :func:`patch` (swap reference modules for fused ones);
 - backends: :func:`available_backends`, :func:`set_backend`, :func:`get_backend`,
   :func:`use_backend`, :func:`backend_status`, environment variable ``DFM_FUSED_BACKEND``.
 """
@@ -19,15 +21,19 @@ from dfm_fused._dispatch import (
     use_backend,
 )
 from dfm_fused._recompute import is_recomputing
+from dfm_fused.feedback_model import FeedbackModel
 from dfm_fused.functional import exp_decay, feedback_input, state_update
 from dfm_fused.modules import FeedbackInput, StateExpDecay, StateUpdate
+from dfm_fused.patch import patch
 from dfm_fused.unroll import unroll
+from dfm_fused import models  # noqa: E402  (after the modules it builds on)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
     "FeedbackInput",
+    "FeedbackModel",
     "StateExpDecay",
     "StateUpdate",
     "available_backends",
@@ -36,6 +42,8 @@ __all__ = [
     "feedback_input",
     "get_backend",
     "is_recomputing",
+    "models",
+    "patch",
     "set_backend",
     "state_update",
     "unroll",

@@ -44,13 +44,14 @@ def integer(name: str, value, minimum: int) -> int:
 
 def scalar(name: str, value, positive: bool = False, allow_negative: bool = True):
     """A real number or a 0-d tensor. Python numbers (and CPU tensors) are range-checked;
-    device tensors are not, since reading them would synchronise with the device."""
+    device tensors are not, since reading them would synchronise with the device, and
+    neither are tensors under torch.compile, where reading them would break the graph."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name}: expected a number or a 0-d tensor; got a tensor of shape {tuple(value.shape)}")
         if value.is_complex():
             raise TypeError(f"{name}: expected a real number; got a {value.dtype} tensor")
-        if value.device.type != "cpu":
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
             return value
         number = float(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):

@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import torch
+
 __all__ = [
     "BackendUnavailable",
     "OPS",
@@ -57,8 +59,6 @@ def _triton_probe(device_type: str) -> None:
 
 
 def _cuda_device_probe() -> None:
-    import torch
-
     if not torch.cuda.is_available():
         raise BackendUnavailable("no CUDA device is available")
 
@@ -83,12 +83,19 @@ class _Backend:
     module: str  # import path, with ``{op}`` standing for the op's name
     devices: tuple[str, ...]
     probe: Callable[[str], None]
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: every floating dtype
 
 
 _BACKENDS = {
     b.name: b
     for b in (
-        _Backend("triton", "dfm_fused.ops.{op}.triton_backend", ("cuda", "cpu"), _triton_probe),
+        _Backend(
+            "triton",
+            "dfm_fused.ops.{op}.triton_backend",
+            ("cuda", "cpu"),
+            _triton_probe,
+            (torch.float16, torch.bfloat16, torch.float32),
+        ),
         _Backend("cuda", "dfm_fused.ops.{op}.extension_backend", ("cuda",), _extension_probe),
         _Backend("cpp", "dfm_fused.ops.{op}.extension_backend", ("cpu",), _extension_probe),
         _Backend("torch", "dfm_fused.ops.{op}.torch_backend", ("cpu", "cuda"), _always),
@@ -171,8 +178,6 @@ def available_backends(device_type: str | None = None) -> list[str]:
 
 
 def _default_device_type() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -217,15 +222,36 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
-    """``(backend name, implementation)`` of ``op`` for tensors on ``device_type``."""
+def resolve(
+    op: str, device_type: str, backend: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[str, Callable]:
+    """``(backend name, implementation)`` of ``op`` for tensors on ``device_type``.
+
+    ``dtype`` (the widest input dtype) lets ``auto`` pass over backends that do not
+    take it (triton has no float64); a forced backend gets the call regardless and
+    raises its own error.
+    """
+    name = _resolve_name(op, device_type, backend, dtype)
+    return name, _cache[(name, device_type)][op]
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.dtype | None) -> str:
+    # Under torch.compile this runs once at trace time and its result is baked
+    # into the graph, so dispatch costs nothing per call and breaks no graph.
     name = _check_name(backend, "backend") if backend is not None else get_backend()
     if name != "auto":
-        return name, _load(name, device_type)[op]
+        _load(name, device_type)
+        return name
     reasons = []
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+        supported = _BACKENDS[candidate].dtypes
+        if dtype is not None and supported is not None and dtype not in supported:
+            reasons.append(f"backend {candidate!r} does not take {dtype}")
+            continue
         try:
-            return candidate, _load(candidate, device_type)[op]
+            _load(candidate, device_type)
+            return candidate
         except BackendUnavailable as exc:
             reasons.append(str(exc))
     raise BackendUnavailable(f"no backend runs {op} on {device_type!r}: " + "; ".join(reasons))

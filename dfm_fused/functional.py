@@ -4,9 +4,16 @@ All ops take ordinary tensors in float16, bfloat16, float32 or float64 (state
 math and reductions run in float32, or float64 for float64 inputs), any batch
 and spatial size, and have autograd for every differentiable input. Pass
 ``backend=`` to force one backend for one call; otherwise
-:func:`dfm_fused.set_backend` / ``DFM_FUSED_BACKEND`` / ``auto`` decide.
+:func:`dfm_fused.set_backend` / ``DFM_FUSED_BACKEND`` / ``auto`` decide (under
+``torch.compile`` the choice in force at trace time is baked into the graph).
+
+Under ``torch.autocast`` each op returns the dtype the reference returns under
+autocast (``exp_decay``: the autocast dtype; ``state_update``: ``h``'s dtype
+promoted with it; ``feedback_input``: float32 or wider) but computes as above.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -31,7 +38,9 @@ def exp_decay(x, Q, S, t, tau, alpha, *, backend: str | None = None) -> torch.Te
     _checks.decay_params(Q, S, x.shape[1], "x.shape[1]")
     _checks.same_device(x=x, Q=Q, S=S)
     _decay_scalars(t, tau, alpha)
-    return resolve("exp_decay", x.device.type, backend)[1](x, Q, S, t, tau, alpha)
+    # Under autocast the reference's linear layers return the autocast dtype.
+    return _call("exp_decay", x.device.type, backend, lambda low: x.dtype if x.dtype == torch.float64 else low,
+                 x, Q, S, t, tau, alpha)
 
 
 def feedback_input(x, h, offset: int, fb: int, groups: int, eps: float = 1e-5, *, backend: str | None = None):
@@ -60,7 +69,10 @@ def feedback_input(x, h, offset: int, fb: int, groups: int, eps: float = 1e-5, *
         raise ValueError(f"offset + fb: expected at most h.shape[1]={h.shape[1]}; got {offset} + {fb} = {offset + fb}")
     _checks.divides("groups", groups, "fb", fb)
     _checks.scalar("eps", eps, positive=True)
-    return resolve("feedback_input", x.device.type, backend)[1](x, h, offset, fb, groups, float(eps))
+    # Under autocast the reference's group_norm and softmax run in float32 and cat promotes.
+    return _call("feedback_input", x.device.type, backend,
+                 lambda low: torch.promote_types(torch.promote_types(x.dtype, h.dtype), torch.float32),
+                 x, h, offset, fb, groups, float(eps))
 
 
 def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, backend: str | None = None):
@@ -83,7 +95,21 @@ def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, b
     _checks.divides("groups", groups, "h.shape[1]", h.shape[1])
     _checks.scalar("eps", eps, positive=True)
     _decay_scalars(t, tau, alpha)
-    return resolve("state_update", h.device.type, backend)[1](h, y, Q, S, t, tau, alpha, groups, float(eps))
+    # Under autocast the reference adds the autocast-dtype decay output to h.
+    return _call("state_update", h.device.type, backend, lambda low: torch.promote_types(h.dtype, low),
+                 h, y, Q, S, t, tau, alpha, groups, float(eps))
+
+
+def _call(op, device_type, backend, autocast_dtype, *args):
+    """Run ``op`` on the chosen backend. Under ``torch.autocast`` the result has the dtype
+    the reference would return there, while the op itself keeps its float32 state math."""
+    widest = functools.reduce(torch.promote_types, (a.dtype for a in args if isinstance(a, torch.Tensor)))
+    impl = resolve(op, device_type, backend, widest)[1]
+    if not torch.is_autocast_enabled(device_type):
+        return impl(*args)
+    with torch.autocast(device_type, enabled=False):
+        out = impl(*args)
+    return out.to(autocast_dtype(torch.get_autocast_dtype(device_type)))
 
 
 def _decay_scalars(t, tau, alpha) -> None:

@@ -21,7 +21,7 @@ __all__ = ["FeedbackInput", "StateExpDecay", "StateUpdate"]
 def _step_index(name: str, T):
     """``T`` must be a non-negative whole number (Python or 0-d tensor)."""
     _checks.scalar(name, T, allow_negative=False)
-    if not isinstance(T, torch.Tensor) or T.device.type == "cpu":
+    if not isinstance(T, torch.Tensor) or (T.device.type == "cpu" and not torch.compiler.is_compiling()):
         if float(T) != int(float(T)):
             raise ValueError(f"{name}: expected a whole number of steps; got {float(T)}")
     return T

@@ -29,6 +29,7 @@ import torch
 
 from dfm_fused import _checks
 from dfm_fused._recompute import recomputing
+from dfm_fused.modules import _DecayParameters
 
 __all__ = ["unroll"]
 
@@ -79,13 +80,29 @@ def unroll(
     if T == 0:
         return [] if return_states else h0
 
-    if not checkpoint or not torch.is_grad_enabled():
-        return _plain_unroll(step, x, h0, T, return_states)
-
-    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-    replay = _Replay(step, module, T, return_states, preserve_rng_state, h0)
-    outputs = _UnrollFunction.apply(replay, x, h0, *params)
+    with _restored_on_error(module):
+        if not checkpoint or not torch.is_grad_enabled():
+            return _plain_unroll(step, x, h0, T, return_states)
+        params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        replay = _Replay(step, module, T, return_states, preserve_rng_state, h0)
+        outputs = _UnrollFunction.apply(replay, x, h0, *params)
     return list(outputs) if return_states else outputs[0]
+
+
+@contextlib.contextmanager
+def _restored_on_error(module):
+    """If the loop raises, put back what its completed steps changed: the buffers
+    (BatchNorm statistics) and the decay modules' ``Q`` (re-orthogonalised at t=0)."""
+    if module is None:
+        yield
+        return
+    tensors = list(module.buffers()) + [m.Q for m in module.modules() if isinstance(m, _DecayParameters)]
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    except BaseException:
+        _copy_all(tensors, saved)
+        raise
 
 
 def _owning_module(step) -> torch.nn.Module | None:
@@ -233,9 +250,12 @@ class _UnrollFunction(torch.autograd.Function):
 
 
 def _copy_all(destinations, sources) -> None:
+    # Through ``.data`` so that version counters do not move: a graph outside the step
+    # (a frontend's batch_norm) may have saved these buffers, and the values it will
+    # see at backward time are the same as without the replay.
     with torch.no_grad():
         for destination, source in zip(destinations, sources):
-            destination.copy_(source)
+            destination.data.copy_(source)
 
 
 def _accumulate(total, grad):

@@ -81,3 +81,11 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k != "DFM_FUSED_BACKEND"}
+
+
+def test_auto_passes_over_backends_that_do_not_take_the_dtype(monkeypatch):
+    """triton takes no float64: auto must choose the next backend rather than fail."""
+    monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", ("triton", "torch"))
+    monkeypatch.setattr(_dispatch, "_load", lambda name, device_type: {})
+    assert _dispatch._resolve_name("exp_decay", "cpu", None, torch.float64) == "torch"
+    assert _dispatch._resolve_name("exp_decay", "cpu", None, torch.float32) == "triton"

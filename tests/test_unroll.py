@@ -196,3 +196,32 @@ def test_bad_arguments():
         dfm_fused.unroll(lambda x, h, t: h[:, :4], x, h0, 2)
     with pytest.raises(TypeError, match="step: expected a callable"):
         dfm_fused.unroll(3, x, h0, 2)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_failed_unroll_leaves_buffers_and_Q_untouched(checkpoint):
+    step = _make().train()
+    x, h0 = _inputs()
+    before = {n: t.detach().clone() for n, t in list(step.named_buffers()) + [("Q", step.update.Q)]}
+
+    def bad_step(x, h, t):
+        out = step(x, h, t)  # runs BatchNorm (stats updated) and the QR at t == 0
+        return out if t < 2 else out[:, :1]
+
+    with pytest.raises(ValueError, match="at t=2"):
+        dfm_fused.unroll(bad_step, x, h0, 4, module=step, checkpoint=checkpoint)
+    for name, value in list(step.named_buffers()) + [("Q", step.update.Q)]:
+        assert torch.equal(value, before[name]), name
+
+
+def test_replay_leaves_buffers_saved_by_graphs_outside_the_step_usable():
+    """A frontend BatchNorm runs once outside the loop; ``module`` holds it too."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.frontend = torch.nn.Sequential(torch.nn.Conv2d(3, CX, 3, padding=1), torch.nn.BatchNorm2d(CX))
+    model.step = _make(torch.float32).train()
+    images = torch.randn(3, 3, 8, 6)
+    h0 = 1e-3 * torch.randn(3, C, 4, 3)
+    out = dfm_fused.unroll(lambda x, h, t: model.step(x, h, t), model.frontend(images), h0, 3, module=model)
+    out.square().sum().backward()
+    assert model.frontend[0].weight.grad is not None and model.step.conv.weight.grad is not None

@@ -7,14 +7,33 @@ kernels only apply it per pixel.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 __all__ = [
+    "autocast_off",
     "compute_dtype",
     "decay_grad_Q",
     "decay_matrix",
     "decay_vector",
 ]
+
+
+def autocast_off(fn):
+    """Run ``fn`` with autocast disabled: for ``backward`` methods, which autograd may
+    run inside the caller's autocast region, so the state math stays float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for kind in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(kind):
+                    stack.enter_context(torch.autocast(kind, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:
@@ -89,3 +108,45 @@ def channel_outer(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         # (B, C, C) partials are no larger than copying x and g to (C, B*H*W).
         return torch.matmul(x3, g3.transpose(1, 2)).sum(0)
     return x3.transpose(0, 1).reshape(C, -1) @ g3.transpose(0, 1).reshape(C, -1).t()
+
+
+def _pixels(x: torch.Tensor) -> int:
+    return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+def decay_forward(Q: torch.Tensor, D: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``Q^T diag(D) Q x`` per pixel in ``dtype``, by the cheaper of two GEMM orders.
+
+    Forming ``M`` costs ``2 C^3`` flops and applying it ``2 P C^2`` (P pixels);
+    applying ``Q``, ``D`` and ``Q^T`` in turn costs ``4 P C^2``. So ``M`` is formed
+    only when there are at least as many pixels as channels.
+    """
+    C = Q.shape[0]
+    if _pixels(x) >= C:
+        return apply_channel_matrix(decay_matrix(Q, D, dtype), x)
+    Q = Q.to(dtype)
+    return apply_channel_matrix(Q.t(), D.to(dtype)[:, None, None] * apply_channel_matrix(Q, x))
+
+
+def decay_backward(Q, D, x, g, dtype, need_x: bool, need_Q: bool):
+    """``(M g, diag(D) Q (A + A^T))`` with ``A = sum x g^T``, each only if needed, in ``dtype``.
+
+    With few pixels (``6 P < 4 C``, by the same flop count as :func:`decay_forward`)
+    neither ``M`` nor ``A`` is formed: ``grad_Q = sum (D*Qx) g^T + (D*Qg) x^T``.
+    """
+    C = Q.shape[0]
+    grad_x = grad_Q = None
+    if 6 * _pixels(x) >= 4 * C:
+        if need_x:
+            grad_x = apply_channel_matrix(decay_matrix(Q, D, dtype), g)
+        if need_Q:
+            grad_Q = decay_grad_Q(Q, D, channel_outer(x.to(dtype), g))
+        return grad_x, grad_Q
+    Q_c, D_c = Q.to(dtype), D.to(dtype)[:, None, None]
+    Qg = apply_channel_matrix(Q_c, g)
+    if need_x:
+        grad_x = apply_channel_matrix(Q_c.t(), D_c * Qg)
+    if need_Q:
+        Qx = apply_channel_matrix(Q_c, x)
+        grad_Q = (channel_outer(D_c * Qx, g) + channel_outer(D_c * Qg, x)).to(Q.dtype)
+    return grad_x, grad_Q

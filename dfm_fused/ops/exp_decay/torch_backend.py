@@ -1,21 +1,14 @@
-"""``exp_decay`` in portable PyTorch: one per-pixel GEMM with the C x C matrix ``M``.
+"""``exp_decay`` in portable PyTorch: per-pixel GEMMs with the C x C matrix ``M``.
 
 Forward saves only its inputs; backward re-forms ``M`` (C x C, cheap) and uses
 the closed forms ``grad_x = M g`` and ``grad_Q = diag(D) Q (A + A^T)``,
-``A = sum x g^T``.
+``A = sum x g^T`` (or thin GEMMs when there are fewer pixels than channels).
 """
 from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import (
-    apply_channel_matrix,
-    channel_outer,
-    compute_dtype,
-    decay_grad_Q,
-    decay_matrix,
-    decay_vector,
-)
+from dfm_fused.ops.common import autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
 
 
 class ExpDecayFunction(torch.autograd.Function):
@@ -23,20 +16,17 @@ class ExpDecayFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, Q, D):
-        M = decay_matrix(Q, D, compute_dtype(x, Q))
         ctx.save_for_backward(x, Q, D)
-        return apply_channel_matrix(M, x).to(x.dtype)
+        return decay_forward(Q, D, x, compute_dtype(x, Q)).to(x.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         x, Q, D = ctx.saved_tensors
-        dtype = compute_dtype(x, Q)
-        grad_x = grad_Q = None
-        if ctx.needs_input_grad[0]:
-            grad_x = apply_channel_matrix(decay_matrix(Q, D, dtype), grad_out).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_Q = decay_grad_Q(Q, D, channel_outer(x.to(dtype), grad_out))
-        return grad_x, grad_Q, None
+        grad_x, grad_Q = decay_backward(
+            Q, D, x, grad_out, compute_dtype(x, Q), ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return None if grad_x is None else grad_x.to(x.dtype), grad_Q, None
 
 
 def exp_decay(x, Q, S, t, tau, alpha):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfm_fused.ops.common import compute_dtype
+from dfm_fused.ops.common import autocast_off, compute_dtype
 from dfm_fused.ops.state_update.torch_backend import group_norm_backward, group_norm_stats, group_normalize
 
 
@@ -35,6 +35,7 @@ class FeedbackInputFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         h, mean, rstd = ctx.saved_tensors
         Cx, offset, fb, groups, x_dtype = ctx.meta

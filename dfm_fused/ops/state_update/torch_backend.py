@@ -7,14 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import (
-    apply_channel_matrix,
-    channel_outer,
-    compute_dtype,
-    decay_grad_Q,
-    decay_matrix,
-    decay_vector,
-)
+from dfm_fused.ops.common import autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
 
 
 def group_norm_stats(y: torch.Tensor, groups: int, eps: float):
@@ -46,27 +39,27 @@ class StateUpdateFunction(torch.autograd.Function):
         dtype = compute_dtype(h, y, Q)
         y_c = y.to(dtype)
         n, mean, rstd = group_norm_stats(y_c, groups, eps)
-        out = apply_channel_matrix(decay_matrix(Q, D, dtype), n)
-        out = out.add_(h).to(h.dtype)
+        out = decay_forward(Q, D, n, dtype).add_(h).to(h.dtype)
         ctx.groups = groups
         ctx.save_for_backward(y, Q, D, mean, rstd)
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         y, Q, D, mean, rstd = ctx.saved_tensors
         groups = ctx.groups
         grad_h = grad_y = grad_Q = None
         if ctx.needs_input_grad[0]:
             grad_h = grad_out
-        dtype = mean.dtype
-        y_c = y.to(dtype)
-        if ctx.needs_input_grad[1]:
-            grad_n = apply_channel_matrix(decay_matrix(Q, D, dtype), grad_out)
+        y_c = y.to(mean.dtype)
+        # The normalised y is needed only for grad_Q; otherwise y stands in for its shape.
+        n = group_normalize(y_c, mean, rstd, groups) if ctx.needs_input_grad[2] else y_c
+        grad_n, grad_Q = decay_backward(
+            Q, D, n, grad_out, mean.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        )
+        if grad_n is not None:
             grad_y = group_norm_backward(grad_n.contiguous(), y_c.contiguous(), mean, rstd, groups).to(y.dtype)
-        if ctx.needs_input_grad[2]:
-            n = group_normalize(y_c, mean, rstd, groups)
-            grad_Q = decay_grad_Q(Q, D, channel_outer(n, grad_out))
         return grad_h, grad_y, grad_Q, None, None, None
 
 

@@ -1,0 +1,362 @@
+"""Benchmark cases, shared by the ``benchmarks/`` pytest suite and the CLI.
+
+A case is a frozen description (op or model, shape, dtype, device, implementation)
+that :meth:`build` turns into a :class:`Bench`: ready inputs and a ``run()`` that
+does one forward (and backward) pass and waits for the device. Cases compare
+implementations on the same inputs: every case of a :attr:`group` builds the
+same tensors from the same seed.
+
+Implementations (``impl``): ``reference`` (:mod:`dfm_fused.reference`, eager),
+``compile`` (``torch.compile`` of the reference) and the dfm_fused backends
+(``torch``, ``cpp``, ``cuda``, ``triton``) forced with ``backend=``. End-to-end
+cases compare a reference model (plain graph over T steps) with the dfm_fused
+model with (``fused``) and without (``fused-nockpt``) the memory-saving unroll.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import dfm_fused
+from dfm_fused import reference
+
+__all__ = [
+    "Bench",
+    "E2ECase",
+    "OpCase",
+    "Shape",
+    "case_from_spec",
+    "default_shapes",
+    "e2e_cases",
+    "fused_impls",
+    "models_available",
+    "op_cases",
+    "parse_shape",
+]
+
+OPS = ("exp_decay", "feedback_input", "state_update")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+E2E_IMPLS = ("reference", "fused", "fused-nockpt")
+REFERENCE_IMPLS = ("reference", "compile")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of one benchmark setting.
+
+    The state and the inputs of ``exp_decay`` / ``state_update`` are ``(B, C, H, W)``
+    with ``groups`` GroupNorm groups. ``feedback_input`` takes ``x`` ``(B, Cx, fH, fW)``
+    and feeds back the last ``fb`` channels of the state, normalised in ``fb_groups``
+    groups.
+    """
+
+    name: str
+    B: int
+    C: int
+    H: int
+    W: int
+    groups: int
+    Cx: int
+    fb: int
+    fb_groups: int
+    fH: int
+    fW: int
+
+    def label(self) -> str:
+        return (
+            f"{self.name}[B={self.B} C={self.C} {self.H}x{self.W} g={self.groups}; "
+            f"fb: Cx={self.Cx} fb={self.fb} {self.fH}x{self.fW}]"
+        )
+
+
+# ResNet18 DFM at 224x224 (7x7 state, 56x56 frontend map) and the DeepLabV3+ DFM at
+# 512x512 (state at H/4 with 256+fb channels and 256+fb groups, feedback at H/2).
+GPU_SHAPES = {
+    "resnet18": Shape("resnet18", B=64, C=520, H=7, W=7, groups=8, Cx=64, fb=16, fb_groups=8, fH=56, fW=56),
+    "segmentation": Shape(
+        "segmentation", B=8, C=258, H=128, W=128, groups=258, Cx=64, fb=2, fb_groups=2, fH=256, fW=256
+    ),
+}
+# Scaled down on the CPU (batch and spatial size) so the suite runs in minutes.
+CPU_SHAPES = {
+    "resnet18": dataclasses.replace(GPU_SHAPES["resnet18"], B=8),
+    "segmentation": dataclasses.replace(GPU_SHAPES["segmentation"], B=1, H=32, W=32, fH=64, fW=64),
+}
+QUICK_SHAPES = {
+    "resnet18": dataclasses.replace(GPU_SHAPES["resnet18"], B=2, H=4, W=4, fH=16, fW=16),
+    "segmentation": dataclasses.replace(GPU_SHAPES["segmentation"], B=1, H=8, W=8, fH=16, fW=16),
+}
+
+
+def default_shapes(device_type: str, quick: bool = False) -> dict[str, Shape]:
+    if quick:
+        return dict(QUICK_SHAPES)
+    return dict(GPU_SHAPES if device_type == "cuda" else CPU_SHAPES)
+
+
+def parse_shape(text: str, device_type: str, quick: bool = False) -> Shape:
+    """``"resnet18"`` or ``"resnet18:B=8,H=16,W=16"`` (a preset with fields overridden)."""
+    presets = default_shapes(device_type, quick)
+    name, _, overrides = text.partition(":")
+    if name not in presets:
+        raise ValueError(f"shape: expected one of {', '.join(presets)} (optionally ':FIELD=N,...'); got {text!r}")
+    fields = {f.name for f in dataclasses.fields(Shape)} - {"name"}
+    changes = {}
+    for item in filter(None, overrides.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"shape: expected FIELD=N with FIELD in {sorted(fields)} and N >= 1; got {item!r} in {text!r}"
+            )
+        changes[key] = int(value)
+    shape = dataclasses.replace(presets[name], **changes)
+    if shape.fb > shape.C or shape.C % shape.groups or shape.fb % shape.fb_groups:
+        raise ValueError(f"shape: need fb <= C, groups | C and fb_groups | fb; got {shape}")
+    if overrides:
+        shape = dataclasses.replace(shape, name=f"{name}:{overrides}")
+    return shape
+
+
+def fused_impls(device_type: str) -> list[str]:
+    """dfm_fused backends worth timing on ``device_type`` (Triton on the CPU is an interpreter)."""
+    names = [b for b in dfm_fused.available_backends(device_type) if b != "reference"]
+    return [b for b in names if not (device_type == "cpu" and b == "triton")]
+
+
+@dataclass
+class Bench:
+    """A built case: ``forward()`` returns the graph's root; ``run()`` is one timed iteration.
+
+    ``persistent`` holds the tensors that exist whether or not the pass runs
+    (inputs, parameters); memory figures leave them out.
+    """
+
+    forward: Callable[[], torch.Tensor]
+    backward: Callable[[torch.Tensor], None] | None
+    persistent: list[torch.Tensor]
+    device: torch.device
+
+    def run(self) -> None:
+        out = self.forward()
+        if self.backward is not None:
+            self.backward(out)
+        del out
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """Half-precision reference runs need autocast: its ``linear`` mixes x's dtype with float32 Q."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _generator_seed(*parts) -> int:
+    """A seed that depends only on what the cases of one group share."""
+    return zlib.crc32(repr(parts).encode())
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op, mode (``fwd``: training forward; ``fwd+bwd``), shape, dtype, implementation."""
+
+    op: str
+    mode: str
+    impl: str
+    shape: Shape
+    dtype: str
+    device: str
+
+    kind = "op"
+
+    @property
+    def group(self) -> str:
+        return f"{self.op} {self.mode} {self.shape.name} {self.dtype}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group} {self.impl}"
+
+    @property
+    def is_reference(self) -> bool:
+        return self.impl == "reference"
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def _inputs(self, device, dtype):
+        """(positional args, tensors that get gradients, output shape); fresh random values."""
+        s = self.shape
+        g = torch.Generator().manual_seed(_generator_seed(self.op, s))
+
+        def rand(*size, grad=True, dt=dtype):
+            return torch.randn(*size, generator=g, dtype=torch.float32).to(device, dt).requires_grad_(grad)
+
+        Q = torch.linalg.qr(torch.randn(s.C, s.C, generator=g, dtype=torch.float64))[0]
+        Q = Q.to(device, torch.float32).requires_grad_(True)
+        S = (torch.rand(s.C, generator=g) + 0.5).to(device)
+        decay = (3.0, 1.0, 1.0)  # t, tau, alpha
+        if self.op == "exp_decay":
+            x = rand(s.B, s.C, s.H, s.W)
+            return (x, Q, S, *decay), [x, Q], (s.B, s.C, s.H, s.W)
+        if self.op == "state_update":
+            h, y = rand(s.B, s.C, s.H, s.W), rand(s.B, s.C, s.H, s.W)
+            return (h, y, Q, S, *decay, s.groups, 1e-5), [h, y, Q], (s.B, s.C, s.H, s.W)
+        x, h = rand(s.B, s.Cx, s.fH, s.fW), rand(s.B, s.C, s.H, s.W)
+        return (x, h, s.C - s.fb, s.fb, s.fb_groups, 1e-5), [x, h], (s.B, s.Cx + s.fb, s.fH, s.fW)
+
+    def function(self) -> Callable:
+        if self.impl == "reference":
+            return getattr(reference, self.op)
+        if self.impl == "compile":
+            return _compiled_reference(self.op)
+        op = getattr(dfm_fused, self.op)
+        return lambda *args: op(*args, backend=self.impl)
+
+    def build(self) -> Bench:
+        device, dtype = torch.device(self.device), DTYPES[self.dtype]
+        args, grad_inputs, out_shape = self._inputs(device, dtype)
+        fn = self.function()
+        autocast = _autocast(device, dtype) if self.impl in REFERENCE_IMPLS else contextlib.nullcontext()
+
+        def forward():
+            with autocast:
+                return fn(*args)
+
+        backward = None
+        if self.mode == "fwd+bwd":
+            grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+            def backward(out):
+                torch.autograd.grad(out, grad_inputs, grad_out.to(out.dtype))
+
+        persistent = [a for a in args if isinstance(a, torch.Tensor)]
+        return Bench(forward, backward, persistent, device)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_reference(op: str) -> Callable:
+    if op not in _COMPILED:
+        _COMPILED[op] = torch.compile(getattr(reference, op), dynamic=False)
+    return _COMPILED[op]
+
+
+def op_cases(device_type: str, shapes, dtypes, impls, ops=OPS, modes=MODES) -> list[OpCase]:
+    """Every (op, mode, shape, dtype, impl); ``impls`` must include ``"reference"``."""
+    if "reference" not in impls:
+        raise ValueError(f"impls: expected 'reference' among them (ratios are against it); got {impls}")
+    return [
+        OpCase(op, mode, impl, shape, dtype, device_type)
+        for shape in shapes
+        for dtype in dtypes
+        for op in ops
+        for mode in modes
+        for impl in impls
+    ]
+
+
+@dataclass(frozen=True)
+class E2ECase:
+    """A DFM training step (forward over T steps, cross-entropy, backward to every parameter).
+
+    ``model``: ``resnet18`` (:mod:`dfm_fused.models`, ``fb_filters=16``, 200 classes)
+    or ``small`` (:class:`dfm_fused.bench.models.SmallDFM`).
+    """
+
+    model: str
+    impl: str
+    T: int
+    B: int
+    image: tuple[int, int]
+    dtype: str
+    device: str
+
+    kind = "e2e"
+
+    @property
+    def group(self) -> str:
+        return f"e2e {self.model} T={self.T} B={self.B} {self.image[0]}x{self.image[1]} {self.dtype}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group} {self.impl}"
+
+    @property
+    def is_reference(self) -> bool:
+        return self.impl == "reference"
+
+    @property
+    def shape(self):
+        return {"B": self.B, "image": list(self.image), "T": self.T}
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def build_model(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        checkpoint = self.impl == "fused"
+        if self.model == "small":
+            from dfm_fused.bench.models import SmallDFM
+
+            fused = SmallDFM(fused=True, checkpoint=checkpoint)
+            model = fused if self.impl != "reference" else SmallDFM(fused=False)
+        else:
+            from dfm_fused import models
+
+            kwargs = dict(fb_filters=16, n_classes=200, shape=self.image, tau=1.0)
+            fused = models.ResNet18(**kwargs, checkpoint=checkpoint)
+            model = fused if self.impl != "reference" else models.reference.ReferenceResNet18(**kwargs)
+        if model is not fused:
+            model.load_state_dict(fused.state_dict())
+        return model.to(self.device).train()
+
+    def build(self) -> Bench:
+        device, dtype = torch.device(self.device), DTYPES[self.dtype]
+        model = self.build_model()
+        g = torch.Generator().manual_seed(_generator_seed(self.B, self.image))
+        x = torch.randn(self.B, 3, *self.image, generator=g).to(device)
+        labels = torch.randint(0, model.fc.out_features, (self.B,), generator=g).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        autocast = _autocast(device, dtype)
+
+        def forward():
+            with autocast:
+                logits = model(x, self.T)
+            return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+        def backward(loss):
+            torch.autograd.grad(loss, params, allow_unused=True)  # Qinv is unused, as in the reference
+
+        return Bench(forward, backward, [x, labels, *model.parameters(), *model.buffers()], device)
+
+
+def models_available() -> str | None:
+    """None if :mod:`dfm_fused.models` can be imported, else why not."""
+    try:
+        from dfm_fused import models  # noqa: F401
+        from dfm_fused.models import reference as _  # noqa: F401
+    except ImportError as exc:
+        return f"dfm_fused.models is not available ({exc})"
+    return None
+
+
+def e2e_cases(device_type: str, model: str, Ts, B: int, image, dtype: str = "float32", impls=E2E_IMPLS):
+    return [E2ECase(model, impl, T, B, tuple(image), dtype, device_type) for T in Ts for impl in impls]
+
+
+def case_from_spec(spec: dict):
+    """Inverse of ``case.spec()``."""
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind == "op":
+        return OpCase(**{**spec, "shape": Shape(**spec["shape"])})
+    return E2ECase(**{**spec, "image": tuple(spec["image"])})

@@ -1,0 +1,155 @@
+"""Timing, memory and roofline measurements for benchmark cases.
+
+- time: warm-up runs, then repeats until a time budget is spent (at least
+  ``min_repeats``); the median is the figure. ``Bench.run`` synchronises CUDA.
+- memory: bytes of the tensors the autograd graph saves (deduplicated by
+  storage; also without the case's inputs and parameters), on every device; on CUDA
+  also the peak of ``torch.cuda.max_memory_allocated`` above the memory in use
+  before the pass; on the CPU the peak resident set size above the process's size
+  before the pass, measured in a worker subprocess (:mod:`dfm_fused.bench.rss_worker`).
+- floor (CUDA): ``max(bytes / bandwidth, flops / matmul peak)`` of SPEC section 5
+  with both peaks measured in the same run.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+__all__ = ["device_peaks", "floor_seconds", "graph_saved_bytes", "peak_cuda_bytes", "peak_rss", "time_bench"]
+
+
+def time_bench(bench, warmup: int = 1, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.0) -> dict:
+    """Wall-clock seconds per ``bench.run()``: median, min, mean, stdev over the repeats."""
+    for _ in range(warmup):
+        bench.run()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - start < budget_s):
+        if bench.device.type == "cuda":
+            torch.cuda.synchronize(bench.device)
+        t0 = time.perf_counter()
+        bench.run()
+        times.append(time.perf_counter() - t0)
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "mean": statistics.fmean(times),
+        "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "repeats": len(times),
+    }
+
+
+def graph_saved_bytes(bench) -> dict:
+    """Bytes of the distinct storages the forward's graph saves for backward.
+
+    ``saved_bytes`` counts all of them; ``saved_activation_bytes`` leaves out the
+    case's inputs and parameters (which exist whether or not a graph is kept).
+    """
+    persistent = {t.untyped_storage().data_ptr() for t in bench.persistent}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = bench.forward()
+    del out
+    return {
+        "saved_bytes": sum(seen.values()),
+        "saved_activation_bytes": sum(n for ptr, n in seen.items() if ptr not in persistent),
+    }
+
+
+def peak_cuda_bytes(bench) -> int:
+    """Peak CUDA memory allocated by one ``run()`` above what was allocated before it."""
+    gc.collect()
+    torch.cuda.synchronize(bench.device)
+    torch.cuda.reset_peak_memory_stats(bench.device)
+    base = torch.cuda.memory_allocated(bench.device)
+    bench.run()
+    return torch.cuda.max_memory_allocated(bench.device) - base
+
+
+def peak_rss(specs: list[dict], timeout_s: float = 1800) -> dict[str, dict]:
+    """``{case id: {"rss_peak_bytes": int} or {"rss_error": str}}`` from one worker subprocess.
+
+    The worker uses a fixed glibc mmap threshold so that freed tensors go back to
+    the system and the peak of each case is measured from the process's current size.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfm_fused.bench.rss_worker"],
+        input=json.dumps(specs), capture_output=True, text=True, env=env, timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak RSS worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def device_peaks(device: torch.device, dtype: torch.dtype) -> dict:
+    """Copy bandwidth (bytes/s, read + write) and matmul throughput (flop/s) in ``dtype``, measured now."""
+    n = 1 << 28  # 1 GiB of float32
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.nbytes / _best_cuda_time(lambda: dst.copy_(src), device)
+    del src, dst
+    k = 8192
+    a = torch.randn(k, k, device=device).to(dtype)
+    b = torch.randn(k, k, device=device).to(dtype)
+    matmul = 2 * k**3 / _best_cuda_time(lambda: a @ b, device)
+    return {"bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul, "matmul_dtype": str(dtype).split(".")[-1],
+            "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+def _best_cuda_time(fn, device, repeats: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+def op_traffic(case) -> tuple[int, int]:
+    """Minimal (bytes moved, flops) of an op case (SPEC section 5), forward or forward + backward.
+
+    ``state_update`` forward reads y and h and writes h (3 C P elements) with one
+    C x C matrix per pixel (2 C^2 P flops); its backward reads the upstream
+    gradient and y, writes grad y (3 C P) and runs two more C x C products (grad
+    n = M g and A = n g^T). ``exp_decay`` is the same without h. ``feedback_input``
+    is a copy: it reads x and the fed-back slice, writes the concatenation; its
+    backward reads the softmax part of the gradient and the slice and writes the
+    slice's gradient (``grad x`` is a view).
+    """
+    s, e = case.shape, torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
+    P, C = s.B * s.H * s.W, s.C
+    bwd = case.mode == "fwd+bwd"
+    if case.op == "state_update":
+        return (6 if bwd else 3) * C * P * e, (6 if bwd else 2) * C * C * P
+    if case.op == "exp_decay":
+        return (5 if bwd else 2) * C * P * e, (6 if bwd else 2) * C * C * P
+    Pf = s.B * s.fH * s.fW
+    elements = s.Cx * Pf + s.fb * P + (s.Cx + s.fb) * Pf
+    if bwd:
+        elements += s.fb * Pf + 2 * s.fb * P
+    return elements * e, 0
+
+
+def floor_seconds(case, peaks: dict) -> float:
+    """SPEC section 5 floor: ``max(bytes / bandwidth, flops / matmul peak)``."""
+    nbytes, flops = op_traffic(case)
+    return max(nbytes / peaks["bandwidth_bytes_per_s"], flops / peaks["matmul_flops_per_s"])

@@ -1,0 +1,89 @@
+"""The benchmark CLI runs at a tiny size and writes a complete, consistent JSON report."""
+import json
+import math
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+
+import torch
+
+from dfm_fused.bench import cases as C
+from dfm_fused.bench.__main__ import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # main(["--threads", ...]) sets the process-wide thread count.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main([
+        "--device", "cpu", "--quick", "--ops", "state_update,feedback_input", "--modes", "fwd+bwd",
+        "--shapes", "resnet18", "--T", "1", "--model", "small", "--budget", "0", "--threads", "1",
+        "--json", str(out), "--png", str(tmp_path / "bench.png"),
+    ])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "[7/7]" in printed and "speed-up" in printed
+
+    data = json.loads(out.read_text())
+    assert data["meta"]["device_type"] == "cpu" and data["meta"]["torch"]
+    records = data["cases"]
+    assert len(records) == 2 * 2 + 3  # two ops x (reference, torch) + three end-to-end variants
+    groups = defaultdict(list)
+    for r in records:
+        assert "error" not in r, r
+        groups[r["group"]].append(r)
+    for group, members in groups.items():
+        impls = {r["impl"] for r in members}
+        assert "reference" in impls, group
+        assert impls - {"reference", "compile"}, f"{group}: no fused entry"
+        reference = next(r for r in members if r["impl"] == "reference")
+        for r in members:
+            assert r["time_s"]["median"] > 0 and r["time_s"]["repeats"] >= 2
+            assert r["memory"]["saved_bytes"] > 0 and r["memory"]["peak_bytes"] >= 0
+            keys = ["speedup"]
+            # A peak ratio needs a reference pass that grew the process (page granularity).
+            keys += ["memory_ratio"] if reference["memory"]["peak_bytes"] > 0 else []
+            for key in keys:
+                assert math.isfinite(r[key]) and r[key] > 0, (group, r["impl"], key, r.get(key))
+            # 0 when an implementation saves nothing but its inputs and parameters.
+            assert math.isfinite(r["graph_memory_ratio"]) and r["graph_memory_ratio"] >= 0
+        assert reference["speedup"] == 1.0 and reference["graph_memory_ratio"] == 1.0
+    e2e = [r for r in records if r["kind"] == "e2e"]
+    assert {r["impl"] for r in e2e} == {"reference", "fused", "fused-nockpt"}
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_memory_saving_keeps_less_graph_than_full_graph(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["--device", "cpu", "--quick", "--no-ops", "--T", "4", "--model", "small", "--budget", "0", "--threads", "1",
+               "--no-rss", "--json", str(out), "--png", str(tmp_path / "b.png")])
+    assert rc == 0
+    saved = {r["impl"]: r["memory"]["saved_activation_bytes"] for r in json.loads(out.read_text())["cases"]}
+    assert saved["fused"] < saved["fused-nockpt"]
+    assert saved["fused"] < saved["reference"]
+
+
+@pytest.mark.parametrize("text", ["nope", "resnet18:B=0", "resnet18:Q=3", "resnet18:B=x", "resnet18:groups=7"])
+def test_bad_shape_is_a_clear_error(text):
+    with pytest.raises(ValueError, match="shape"):
+        C.parse_shape(text, "cpu")
+
+
+def test_shape_overrides():
+    shape = C.parse_shape("resnet18:B=8,H=16,W=16", "cpu")
+    assert (shape.B, shape.C, shape.H, shape.W) == (8, 520, 16, 16)
+
+
+def test_python_dash_m_dfm_fused_is_the_benchmark():
+    proc = subprocess.run([sys.executable, "-m", "dfm_fused", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "dfm-fused-bench" in proc.stdout and "--quick" in proc.stdout

@@ -174,10 +174,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h, int64_t offset, int6
     std::vector<acc_t> n(fb * W), p(fb * W), tmp(W);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / H, i = k % H;
-      if (lo.cl) {
-        for (int64_t j = 0; j < W; ++j) std::copy_n(xp + li.at(b, 0, i) + j * Cx, Cx, op + lo.at(b, 0, i) + j * Co);
-      } else {
-        for (int64_t c = 0; c < Cx; ++c) std::copy_n(xp + li.at(b, c, i), W, op + lo.at(b, c, i));
+      if (lo.cl) {  // x's channels of each pixel of the row: short runs, an inline loop beats memcpy calls
+        for (int64_t j = 0; j < W; ++j) {
+          const scalar_t* src = xp + li.at(b, 0, i) + j * Cx;
+          scalar_t* dst = op + lo.at(b, 0, i) + j * Co;
+          for (int64_t c = 0; c < Cx; ++c) dst[c] = src[c];
+        }
+      } else if (i == 0) {  // x[b] is one contiguous block in NCHW: copy it whole with the image's first row
+        std::copy_n(xp + li.at(b, 0, 0), Cx * H * W, op + lo.at(b, 0, 0));
       }
       proj.softmax_row(b, i, mean_p, rstd_p, n.data(), p.data(), tmp.data());
       for (int64_t c = 0; c < fb; ++c) {
@@ -253,26 +257,34 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& h, const at::Tensor
   }
   scalar_t* ghp = grad_h.mutable_data_ptr<scalar_t>();
   const int64_t Ch = h.size(1);
+  // Bilinear backward, separable: rows first (vectorised over output columns into an hh x W
+  // buffer), then one scatter along x per state row.
   at::parallel_for(0, B * fb, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> r(W), gv(hh * ww);
+    std::vector<acc_t> r(W), gy(hh * W), gv(hh * ww);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / fb, c = k % fb, bg = b * groups + c / cpg;
       const acc_t m = mean_p[bg], rs = rstd_p[bg], k1c = c1[bg], k2c = c2[bg];
+      std::fill(gy.begin(), gy.end(), acc_t(0));
       std::fill(gv.begin(), gv.end(), acc_t(0));
       for (int64_t i = 0; i < H; ++i) {
         proj.row(b, c, i, r.data());
         const acc_t* gni = gn.data() + ((b * fb + c) * H + i) * W;
-        acc_t* top = gv.data() + proj.ay.i0[i] * ww;
-        acc_t* bot = gv.data() + proj.ay.i1[i] * ww;
+        acc_t* top = gy.data() + proj.ay.i0[i] * W;
+        acc_t* bot = gy.data() + proj.ay.i1[i] * W;
         const acc_t wy0 = proj.ay.l0[i], wy1 = proj.ay.l1[i];
+#pragma omp simd
         for (int64_t j = 0; j < W; ++j) {
           const acc_t gr = gni[j] * rs - k1c - (r[j] - m) * k2c;
-          const int64_t x0 = proj.ax.i0[j], x1 = proj.ax.i1[j];
-          const acc_t lx0 = proj.ax.l0[j], lx1 = proj.ax.l1[j];
-          top[x0] += wy0 * lx0 * gr;
-          top[x1] += wy0 * lx1 * gr;
-          bot[x0] += wy1 * lx0 * gr;
-          bot[x1] += wy1 * lx1 * gr;
+          top[j] += wy0 * gr;
+          bot[j] += wy1 * gr;
+        }
+      }
+      for (int64_t y = 0; y < hh; ++y) {
+        const acc_t* src = gy.data() + y * W;
+        acc_t* row = gv.data() + y * ww;
+        for (int64_t j = 0; j < W; ++j) {
+          row[proj.ax.i0[j]] += proj.ax.l0[j] * src[j];
+          row[proj.ax.i1[j]] += proj.ax.l1[j] * src[j];
         }
       }
       scalar_t* dst = ghp + (b * Ch + offset + c) * hh * ww;

@@ -21,8 +21,13 @@ rm -rf "$TEST_VENV"
 python3 -m venv "$TEST_VENV"
 "$TEST_VENV/bin/python" -m pip install -q "torch==2.14.1"
 "$TEST_VENV/bin/python" -m pip install -q "$(ls dist/dfm_fused-*.whl)[test]"
-# From tests/ (no __init__.py) the source dfm_fused/ is not on sys.path: the wheel is tested.
-# test_extension.py asserts this (DFM_FUSED_EXPECT_INSTALLED) and that the extension loads.
-cd tests
+# Run from a scratch directory that holds only a link to tests/: `tests` stays importable
+# (tests import tests._golden) but the source dfm_fused/ is not on sys.path, so the installed
+# wheel is what runs. test_extension.py asserts this (DFM_FUSED_EXPECT_INSTALLED) and that the
+# extension loads (DFM_FUSED_REQUIRE_EXTENSION).
+RUN_DIR="$(mktemp -d)"
+trap 'rm -rf "$RUN_DIR"' EXIT
+ln -s "$PWD/tests" "$RUN_DIR/tests"
+cd "$RUN_DIR"
 DFM_FUSED_EXPECT_INSTALLED=1 DFM_FUSED_REQUIRE_EXTENSION=1 \
-    "$TEST_VENV/bin/python" -m pytest . -q -p no:cacheprovider "$@"
+    "$TEST_VENV/bin/python" -m pytest tests -q -ra -p no:cacheprovider --rootdir "$RUN_DIR" "$@"

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
 
@@ -18,6 +19,10 @@ inline bool is_channels_last(const at::Tensor& x) {
 inline at::MemoryFormat layout_of(const at::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
+
+// First statement of every op: the kernels call ATen (GEMMs, small matrix products) and must
+// not be re-dispatched to autocast when an op (or its backward) runs inside an autocast region.
+#define DFM_FUSED_NO_AUTOCAST() c10::impl::ExcludeDispatchKeyGuard dfm_fused_no_autocast_(c10::autocast_dispatch_keyset)
 
 // at::empty, filled with NaN when DFM_FUSED_POISON=1 so that elements a kernel fails
 // to write show up in tests.

@@ -232,6 +232,7 @@ Tiling tiling_of(const at::Tensor& x) {
 }  // namespace
 
 at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   const at::Tensor x = x_.contiguous(layout_of(x_));
   const Tiling t = tiling_of(x);
@@ -252,6 +253,7 @@ at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, const at::Tensor& x_,
                                                       const at::Tensor& Q, const at::Tensor& D, bool need_x,
                                                       bool need_Q) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   TORCH_CHECK(grad_.sizes() == x_.sizes() && grad_.scalar_type() == x_.scalar_type(),
               "dfm_fused: grad must match x in shape and dtype");
@@ -282,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
                                                             const at::Tensor& Q, const at::Tensor& D, int64_t groups,
                                                             double eps) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(y_, Q, D);
   TORCH_CHECK(h_.sizes() == y_.sizes() && h_.scalar_type() == y_.scalar_type(),
               "dfm_fused: h and y must have one shape and dtype; got ", h_.sizes(), " ", h_.scalar_type(), " and ",
@@ -311,6 +314,7 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
                                                          const at::Tensor& Q, const at::Tensor& D,
                                                          const at::Tensor& mean_, const at::Tensor& rstd_,
                                                          int64_t groups, bool need_y, bool need_Q) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(y_, Q, D);
   TORCH_CHECK(grad_.sizes() == y_.sizes() && grad_.scalar_type() == y_.scalar_type(),
               "dfm_fused: grad must match y in shape and dtype");

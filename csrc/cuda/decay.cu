@@ -291,6 +291,7 @@ at::Tensor to_layout(const at::Tensor& t, at::MemoryFormat fmt) {
 }  // namespace
 
 at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
@@ -306,6 +307,7 @@ at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, const at::Tensor& x_,
                                                       const at::Tensor& Q, const at::Tensor& D, bool need_x,
                                                       bool need_Q) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   TORCH_CHECK(grad_.sizes() == x_.sizes() && grad_.scalar_type() == x_.scalar_type(),
               "dfm_fused: grad must match x in shape and dtype");
@@ -333,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
                                                             const at::Tensor& Q, const at::Tensor& D, int64_t groups,
                                                             double eps) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(y_, Q, D);
   TORCH_CHECK(h_.sizes() == y_.sizes() && h_.scalar_type() == y_.scalar_type(),
               "dfm_fused: h and y must have one shape and dtype");
@@ -360,6 +363,7 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
                                                          const at::Tensor& Q, const at::Tensor& D,
                                                          const at::Tensor& mean_, const at::Tensor& rstd_,
                                                          int64_t groups, bool need_y, bool need_Q) {
+  DFM_FUSED_NO_AUTOCAST();
   check_decay_args(y_, Q, D);
   TORCH_CHECK(grad_.sizes() == y_.sizes() && grad_.scalar_type() == y_.scalar_type(),
               "dfm_fused: grad must match y in shape and dtype");

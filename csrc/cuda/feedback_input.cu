@@ -214,6 +214,7 @@ Geometry geometry(const at::Tensor& h, int64_t B, int64_t Cx, int64_t H, int64_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x_, const at::Tensor& h_,
                                                               int64_t offset, int64_t fb, int64_t groups,
                                                               double eps) {
+  DFM_FUSED_NO_AUTOCAST();
   TORCH_CHECK(x_.dim() == 4 && h_.dim() == 4 && x_.size(0) == h_.size(0), "dfm_fused: x and h must be (B, C, H, W)");
   TORCH_CHECK(x_.scalar_type() == h_.scalar_type(), "dfm_fused: x and h must have one dtype");
   TORCH_CHECK(offset >= 0 && fb >= 1 && offset + fb <= h_.size(1) && groups >= 1 && fb % groups == 0,
@@ -244,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& 
 
 at::Tensor feedback_input_backward(const at::Tensor& grad_, const at::Tensor& h_, const at::Tensor& mean_,
                                    const at::Tensor& rstd_, int64_t offset, int64_t fb, int64_t groups) {
+  DFM_FUSED_NO_AUTOCAST();
   TORCH_CHECK(grad_.dim() == 4 && h_.dim() == 4 && grad_.size(0) == h_.size(0) && grad_.size(1) >= fb,
               "dfm_fused: grad and h must be (B, C, H, W)");
   TORCH_CHECK(grad_.scalar_type() == h_.scalar_type(), "dfm_fused: grad and h must have one dtype");

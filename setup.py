@@ -1,4 +1,73 @@
-"""Build script: the Python package (C++/CUDA extension in csrc/ is added by the extension build)."""
+"""Build script: the Python package and the C++/CUDA extension ``dfm_fused._C`` (csrc/).
+
+The CPU kernels are always built. The CUDA kernels are built when a CUDA toolkit and a
+CUDA build of torch are present, or when ``DFM_FUSED_BUILD_CUDA=1``;
+``DFM_FUSED_BUILD_CUDA=0`` skips them. CUDA architectures come from
+``TORCH_CUDA_ARCH_LIST`` (default when no GPU is visible: 8.0 8.6 8.9 9.0+PTX).
+``MAX_JOBS`` limits parallel compile jobs (read by torch's ninja build).
+``DFM_FUSED_LOCAL_VERSION=1`` appends ``+cu<CUDA>torch<major.minor>`` (or ``+cputorch<..>``)
+to the version, as the wheel build script does.
+"""
+import os
+import re
+from pathlib import Path
+
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).parent
+
+
+def _version() -> str:
+    text = (ROOT / "dfm_fused" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def _extension_build():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    flag = os.environ.get("DFM_FUSED_BUILD_CUDA", "")
+    if flag not in ("", "0", "1"):
+        raise SystemExit(f"DFM_FUSED_BUILD_CUDA: expected 0 or 1; got {flag!r}")
+    cuda = flag == "1" or (flag == "" and torch.version.cuda is not None and CUDA_HOME is not None)
+    if cuda and (torch.version.cuda is None or CUDA_HOME is None):
+        raise SystemExit(
+            "DFM_FUSED_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+        )
+    sources = ["csrc/ops.cpp", "csrc/cpu/decay.cpp", "csrc/cpu/feedback_input.cpp"]
+    # Stringified in C++ (csrc/ops.cpp): keep the values free of spaces, commas and semicolons.
+    defines = [f"-DDFM_FUSED_TORCH_VERSION={torch.__version__}"]
+    cxx = ["-O3", "-fopenmp"]
+    extra = {"cxx": cxx}
+    if cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0+PTX"
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+        defines += [
+            "-DDFM_FUSED_WITH_CUDA",
+            f"-DDFM_FUSED_CUDA_VERSION={torch.version.cuda}",
+            "-DDFM_FUSED_CUDA_ARCHS=" + re.sub(r"[\s;,]+", "/", archs.strip()),
+        ]
+        sources += ["csrc/cuda/decay.cu", "csrc/cuda/feedback_input.cu"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"] + defines
+        ext = CUDAExtension
+    else:
+        ext = CppExtension
+    extra["cxx"] = cxx + defines
+    module = ext("dfm_fused._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    return [module], {"build_ext": BuildExtension}, cuda
+
+
+def _local_version(cuda: bool) -> str:
+    import torch
+
+    if os.environ.get("DFM_FUSED_LOCAL_VERSION") != "1":
+        return ""
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    device = "cu" + torch.version.cuda.replace(".", "") if cuda else "cpu"
+    return f"+{device}torch{torch_mm}"
+
+
+ext_modules, cmdclass, with_cuda = _extension_build()
+setup(version=_version() + _local_version(with_cuda), ext_modules=ext_modules, cmdclass=cmdclass)

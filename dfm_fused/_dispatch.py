@@ -117,11 +117,14 @@ _cache: dict[tuple[str, str], dict[str, Callable] | BackendUnavailable] = {}
 def _load(name: str, device_type: str) -> dict[str, Callable]:
     """The backend's op table for ``device_type``, or raise why it cannot run there."""
     key = (name, device_type)
-    with _lock:
-        hit = _cache.get(key)
-        if hit is None:
-            hit = _try_load(_BACKENDS[name], device_type)
-            _cache[key] = hit
+    # Lock-free once cached: torch.compile cannot trace through a lock.
+    hit = _cache.get(key)
+    if hit is None:
+        with _lock:
+            hit = _cache.get(key)
+            if hit is None:
+                hit = _try_load(_BACKENDS[name], device_type)
+                _cache[key] = hit
     if isinstance(hit, BackendUnavailable):
         raise BackendUnavailable(str(hit))
     return hit

@@ -75,6 +75,19 @@ run_section bench_suite 240 "$PY" -m pytest benchmarks -q -p no:cacheprovider --
     --dfm-no-compile --dfm-dtypes float32 --benchmark-json="$OUT/bench_suite.json" \
     --benchmark-columns=min,median,max
 
+# ---------------------------------------------------------------- cuda: C++/CUDA extension (issue 4)
+# Built in place against this machine's torch (sm_90 only), then the extension tests (cpp and
+# cuda backends, gradcheck, torch.compile) and the extension benchmark (reference, torch, cuda).
+# After the benchmark suite, so the suite's timings do not include a second GPU backend.
+run_section cuda_build 240 env DFM_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+run_section cuda_build_info 30 "$PY" -c \
+    "import json, dfm_fused._extension as e; i = e.build_info(); print(json.dumps(i)); assert i['cuda'], i"
+run_section cuda_tests 150 "$PY" -m pytest tests/test_extension.py -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/cuda_tests.xml"
+run_section cuda_bench 60 "$PY" benchmarks/bench_extension.py --device cuda --repeat 20 \
+    --out "$OUT/bench_extension_cuda.json"
+
 echo
 cat "$OUT/summary.txt"
 exit $FAILED

@@ -30,12 +30,14 @@ def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
     ])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert "[7/7]" in printed and "speed-up" in printed
+    # Two ops x (reference + each fused CPU backend here) + three end-to-end variants.
+    n_cases = 2 * (1 + len(C.fused_impls("cpu"))) + 3
+    assert f"[{n_cases}/{n_cases}]" in printed and "speed-up" in printed
 
     data = json.loads(out.read_text())
     assert data["meta"]["device_type"] == "cpu" and data["meta"]["torch"]
     records = data["cases"]
-    assert len(records) == 2 * 2 + 3  # two ops x (reference, torch) + three end-to-end variants
+    assert len(records) == n_cases
     groups = defaultdict(list)
     for r in records:
         assert "error" not in r, r

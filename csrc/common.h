@@ -1,0 +1,75 @@
+// Shared declarations of the dfm_fused C++ extension: op entry points per device and
+// small helpers (output layout, poisoned allocation) used by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <tuple>
+
+namespace dfm_fused {
+
+// Activations are (B, C, H, W). A kernel reads and writes them either as NCHW or as
+// NHWC (channels_last); which one is decided from one input by `is_channels_last` and
+// the fake (meta) implementations in Python apply the same rule.
+inline bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// First statement of every op: the kernels call ATen (GEMMs, small matrix products) and must
+// not be re-dispatched to autocast when an op (or its backward) runs inside an autocast region.
+#define DFM_FUSED_NO_AUTOCAST() c10::impl::ExcludeDispatchKeyGuard dfm_fused_no_autocast_(c10::autocast_dispatch_keyset)
+
+// at::empty, filled with NaN when DFM_FUSED_POISON=1 so that elements a kernel fails
+// to write show up in tests.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat format = at::MemoryFormat::Contiguous);
+
+// Shapes and dtypes shared by the checks of every device.
+void check_decay_args(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D);
+
+namespace cpu {
+at::Tensor exp_decay(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D);
+std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                      const at::Tensor& Q, const at::Tensor& D,
+                                                      bool need_x, bool need_Q);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h, const at::Tensor& y,
+                                                            const at::Tensor& Q, const at::Tensor& D,
+                                                            int64_t groups, double eps);
+std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad, const at::Tensor& y,
+                                                         const at::Tensor& Q, const at::Tensor& D,
+                                                         const at::Tensor& mean, const at::Tensor& rstd,
+                                                         int64_t groups, bool need_y, bool need_Q);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x, const at::Tensor& h,
+                                                              int64_t offset, int64_t fb, int64_t groups,
+                                                              double eps);
+at::Tensor feedback_input_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
+                                   const at::Tensor& rstd, int64_t offset, int64_t fb, int64_t groups);
+}  // namespace cpu
+
+#ifdef DFM_FUSED_WITH_CUDA
+namespace cuda {
+at::Tensor exp_decay(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D);
+std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                      const at::Tensor& Q, const at::Tensor& D,
+                                                      bool need_x, bool need_Q);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h, const at::Tensor& y,
+                                                            const at::Tensor& Q, const at::Tensor& D,
+                                                            int64_t groups, double eps);
+std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad, const at::Tensor& y,
+                                                         const at::Tensor& Q, const at::Tensor& D,
+                                                         const at::Tensor& mean, const at::Tensor& rstd,
+                                                         int64_t groups, bool need_y, bool need_Q);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x, const at::Tensor& h,
+                                                              int64_t offset, int64_t fb, int64_t groups,
+                                                              double eps);
+at::Tensor feedback_input_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
+                                   const at::Tensor& rstd, int64_t offset, int64_t fb, int64_t groups);
+}  // namespace cuda
+#endif
+
+}  // namespace dfm_fused

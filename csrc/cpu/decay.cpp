@@ -1,0 +1,357 @@
+// CPU kernels of exp_decay (out = M x) and state_update (out = h + M GroupNorm(y)),
+// M = Q^T diag(D) Q, forward and backward.
+//
+// Each op is one parallel pass over pixel tiles: load (and normalise) a tile into an
+// L2-resident float buffer, apply M with ATen's blocked GEMM, and write the result with
+// the epilogue fused (cast, + h). Backward does M g, the GroupNorm partial sums and
+// A = sum n g^T (for grad_Q) in the same pass. Partial sums are kept per tile or per
+// fixed chunk of tiles and reduced in a fixed order, so results do not depend on the
+// number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+#include "tiles.h"
+
+namespace dfm_fused::cpu {
+namespace {
+
+// Chunks of tiles that own one partial C x C sum each (bounded memory, fixed split).
+constexpr int64_t kChunks = 8;
+
+template <typename F>
+void dispatch_layout(bool cl, F&& f) {
+  if (cl) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+at::Tensor decay_matrix(const at::Tensor& Q, const at::Tensor& D) {
+  return at::mm(Q.t() * D.unsqueeze(0), Q).contiguous();
+}
+
+template <typename acc_t>
+void sum_parts(const acc_t* parts, int64_t chunks, int64_t CC, acc_t* dst) {
+  at::parallel_for(0, CC, 4096, [&](int64_t i0, int64_t i1) {
+    std::copy(parts + i0, parts + i1, dst + i0);
+    for (int64_t k = 1; k < chunks; ++k) {
+      const acc_t* part = parts + k * CC;
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) dst[i] += part[i];
+    }
+  });
+}
+
+// grad_Q = diag(D) Q (A + A^T) from per-chunk partials of A, summed in chunk order.
+at::Tensor grad_Q_from_parts(const at::Tensor& parts, const at::Tensor& Q, const at::Tensor& D) {
+  at::Tensor A = at::empty({parts.size(1), parts.size(2)}, parts.options());
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "dfm_fused_sum_parts", [&] {
+    sum_parts(parts.const_data_ptr<scalar_t>(), parts.size(0), A.numel(), A.mutable_data_ptr<scalar_t>());
+  });
+  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
+}
+
+// GroupNorm statistics (biased variance) of y, one pass with double accumulators.
+template <typename scalar_t, typename acc_t>
+void group_stats(const Tiling& t, const scalar_t* y, int64_t groups, double eps, acc_t* mean, acc_t* rstd) {
+  const int64_t cpg = t.C / groups;
+  const double count = static_cast<double>(cpg * t.HW);
+  auto finish = [&](int64_t i, double s, double ss) {
+    const double m = s / count;
+    const double var = std::max(ss / count - m * m, 0.0);
+    mean[i] = static_cast<acc_t>(m);
+    rstd[i] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+  };
+  if (!t.cl) {
+    at::parallel_for(0, t.B * groups, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* src = y + i * cpg * t.HW;  // groups are contiguous in NCHW
+        double s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
+        for (int64_t j = 0; j < cpg * t.HW; ++j) {
+          const double v = static_cast<double>(src[j]);
+          s += v;
+          ss += v * v;
+        }
+        finish(i, s, ss);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, t.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> s(t.C), ss(t.C);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(s.begin(), s.end(), 0.0);
+      std::fill(ss.begin(), ss.end(), 0.0);
+      for (int64_t p = 0; p < t.HW; ++p) {
+        const scalar_t* src = y + t.offset(b, p);
+#pragma omp simd
+        for (int64_t c = 0; c < t.C; ++c) {
+          const double v = static_cast<double>(src[c]);
+          s[c] += v;
+          ss[c] += v * v;
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        double gs = 0, gss = 0;
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+          gs += s[c];
+          gss += ss[c];
+        }
+        finish(b * groups + g, gs, gss);
+      }
+    }
+  });
+}
+
+// out = M (x, or GroupNorm(x) when mean is given) [+ add], tile by tile.
+template <bool CL, typename scalar_t, typename acc_t>
+void apply_matrix(const Tiling& t, const at::Tensor& M, const scalar_t* x, const acc_t* mean, const acc_t* rstd,
+                  int64_t groups, const scalar_t* add, scalar_t* out) {
+  at::parallel_for(0, t.num_tiles(), 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> in(t.buf_size()), res(t.buf_size()), sub(t.C), mul(t.C);
+    int64_t last_b = -1;
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t b, p0, n;
+      t.locate(k, b, p0, n);
+      if (mean != nullptr && b != last_b) {
+        group_affine(mean, rstd, b, t.C, groups, sub.data(), mul.data());
+        last_b = b;
+      }
+      load_tile<CL>(t, b, p0, n, x, mean ? sub.data() : nullptr, mul.data(), in.data());
+      tile_matmul(t, n, M, in.data(), res.data());
+      store_tile<CL>(t, b, p0, n, res.data(), add, out);
+    }
+  });
+}
+
+// One pass of a backward: gM = M g (if M), per-tile group sums of gM and gM * a
+// (if tile_sums; [tiles][groups][2]), and per-chunk A += a g^T (if A_parts: (chunks, C, C)).
+// a is x, or GroupNorm(x) when mean is given.
+template <bool CL, typename scalar_t, typename acc_t, typename out_t>
+void backward_pass(const Tiling& t, const scalar_t* g, const scalar_t* a, const acc_t* mean, const acc_t* rstd,
+                   int64_t groups, const at::Tensor& M, out_t* gM, double* tile_sums, at::Tensor* A_parts,
+                   int64_t chunks) {
+  const int64_t cpg = t.C / groups;
+  const bool need_a = tile_sums != nullptr || A_parts != nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> bg(t.buf_size()), ba(need_a ? t.buf_size() : 0), bm(M.defined() ? t.buf_size() : 0);
+    std::vector<acc_t> sub(t.C), mul(t.C);
+    int64_t last_b = -1;
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t begin, end;
+      chunk_range(t.num_tiles(), chunks, k, begin, end);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        int64_t b, p0, n;
+        t.locate(tile, b, p0, n);
+        if (mean != nullptr && b != last_b) {
+          group_affine(mean, rstd, b, t.C, groups, sub.data(), mul.data());
+          last_b = b;
+        }
+        load_tile<CL>(t, b, p0, n, g, static_cast<const acc_t*>(nullptr), mul.data(), bg.data());
+        if (need_a) load_tile<CL>(t, b, p0, n, a, mean ? sub.data() : nullptr, mul.data(), ba.data());
+        if (M.defined()) {
+          tile_matmul(t, n, M, bg.data(), bm.data());
+          store_tile<CL>(t, b, p0, n, bm.data(), static_cast<const out_t*>(nullptr), gM);
+        }
+        if (tile_sums != nullptr) {
+          double* sums = tile_sums + tile * groups * 2;
+          std::fill(sums, sums + groups * 2, 0.0);
+          for_runs<CL>(t, b, p0, n, [&](int64_t, int64_t bo, int64_t len, int64_t c0) {
+            for (int64_t i = 0; i < len; ++i) {
+              const int64_t grp = (CL ? c0 + i : c0) / cpg;
+              const double v = bm[bo + i];
+              sums[grp * 2] += v;
+              sums[grp * 2 + 1] += v * ba[bo + i];
+            }
+          });
+        }
+        if (A_parts != nullptr) {
+          at::Tensor part = (*A_parts)[k];
+          tile_outer_acc(t, n, ba.data(), bg.data(), part);
+        }
+      }
+    }
+  });
+}
+
+// grad_y = rstd (gn - mean(gn)) - (y - mean) rstd^2 mean(gn n), group means from tile sums.
+template <bool CL, typename scalar_t, typename acc_t>
+void group_norm_backward(const Tiling& t, const acc_t* gn, const scalar_t* y, const acc_t* mean, const acc_t* rstd,
+                         int64_t groups, const double* tile_sums, scalar_t* grad_y) {
+  const int64_t cpg = t.C / groups;
+  const double count = static_cast<double>(cpg * t.HW);
+  // Per (b, group): sums over the image's tiles in tile order.
+  std::vector<acc_t> c1(t.B * groups), c2(t.B * groups);
+  for (int64_t b = 0; b < t.B; ++b) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      double s1 = 0, s2 = 0;
+      for (int64_t k = b * t.per_image; k < (b + 1) * t.per_image; ++k) {
+        s1 += tile_sums[(k * groups + grp) * 2];
+        s2 += tile_sums[(k * groups + grp) * 2 + 1];
+      }
+      const double r = rstd[b * groups + grp];
+      c1[b * groups + grp] = static_cast<acc_t>(r * s1 / count);
+      c2[b * groups + grp] = static_cast<acc_t>(r * r * s2 / count);
+    }
+  }
+  at::parallel_for(0, t.num_tiles(), 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> sub(t.C), mul(t.C), k1c(t.C), k2c(t.C);
+    int64_t last_b = -1;
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t b, p0, n;
+      t.locate(k, b, p0, n);
+      if (b != last_b) {
+        group_affine(mean, rstd, b, t.C, groups, sub.data(), mul.data());
+        group_affine(c1.data(), c2.data(), b, t.C, groups, k1c.data(), k2c.data());
+        last_b = b;
+      }
+      for_runs<CL>(t, b, p0, n, [&](int64_t mo, int64_t, int64_t len, int64_t c0) {
+        const acc_t* src = gn + mo;
+        const scalar_t* ys = y + mo;
+        scalar_t* dst = grad_y + mo;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t c = CL ? c0 + i : c0;
+          dst[i] = static_cast<scalar_t>(src[i] * mul[c] - k1c[c] - (static_cast<acc_t>(ys[i]) - sub[c]) * k2c[c]);
+        }
+      });
+    }
+  });
+}
+
+Tiling tiling_of(const at::Tensor& x) {
+  return Tiling(x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x));
+}
+
+}  // namespace
+
+at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D) {
+  DFM_FUSED_NO_AUTOCAST();
+  check_decay_args(x_, Q, D);
+  const at::Tensor x = x_.contiguous(layout_of(x_));
+  const Tiling t = tiling_of(x);
+  const at::Tensor M = decay_matrix(Q, D);
+  at::Tensor out = empty_output(x.sizes(), x.options(), layout_of(x));
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_exp_decay", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_layout(t.cl, [&](auto cl) {
+      apply_matrix<decltype(cl)::value>(t, M, x.const_data_ptr<scalar_t>(),
+                                        static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr), 1,
+                                        static_cast<const scalar_t*>(nullptr), out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, const at::Tensor& x_,
+                                                      const at::Tensor& Q, const at::Tensor& D, bool need_x,
+                                                      bool need_Q) {
+  DFM_FUSED_NO_AUTOCAST();
+  check_decay_args(x_, Q, D);
+  TORCH_CHECK(grad_.sizes() == x_.sizes() && grad_.scalar_type() == x_.scalar_type(),
+              "dfm_fused: grad must match x in shape and dtype");
+  const auto fmt = layout_of(x_);
+  const at::Tensor x = x_.contiguous(fmt), grad = grad_.contiguous(fmt);
+  const Tiling t = tiling_of(x);
+  at::Tensor grad_x = need_x ? empty_output(x.sizes(), x.options(), fmt) : at::empty({0}, x.options());
+  at::Tensor grad_Q = at::empty({0}, Q.options());
+  if (!need_x && !need_Q) return {grad_x, grad_Q};
+  const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, t.num_tiles()));
+  at::Tensor parts = need_Q ? at::zeros({chunks, t.C, t.C}, Q.options()) : at::Tensor();
+  const at::Tensor M = need_x ? decay_matrix(Q, D) : at::Tensor();
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_exp_decay_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_layout(t.cl, [&](auto cl) {
+        backward_pass<decltype(cl)::value>(
+            t, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), static_cast<const acc_t*>(nullptr),
+            static_cast<const acc_t*>(nullptr), 1, M, need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+            nullptr, need_Q ? &parts : nullptr, chunks);
+      });
+    });
+  }
+  if (need_Q) grad_Q = grad_Q_from_parts(parts, Q, D);
+  return {grad_x, grad_Q};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
+                                                            const at::Tensor& Q, const at::Tensor& D, int64_t groups,
+                                                            double eps) {
+  DFM_FUSED_NO_AUTOCAST();
+  check_decay_args(y_, Q, D);
+  TORCH_CHECK(h_.sizes() == y_.sizes() && h_.scalar_type() == y_.scalar_type(),
+              "dfm_fused: h and y must have one shape and dtype; got ", h_.sizes(), " ", h_.scalar_type(), " and ",
+              y_.sizes(), " ", y_.scalar_type());
+  TORCH_CHECK(groups >= 1 && y_.size(1) % groups == 0, "dfm_fused: groups must divide C");
+  const auto fmt = layout_of(h_);
+  const at::Tensor h = h_.contiguous(fmt), y = y_.contiguous(fmt);
+  const Tiling t = tiling_of(h);
+  at::Tensor out = empty_output(h.sizes(), h.options(), fmt);
+  at::Tensor mean = empty_output({t.B, groups}, Q.options()), rstd = empty_output({t.B, groups}, Q.options());
+  if (h.numel() == 0) return {out, mean, rstd};
+  const at::Tensor M = decay_matrix(Q, D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dfm_fused_state_update", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    group_stats(t, y.const_data_ptr<scalar_t>(), groups, eps, mean.mutable_data_ptr<acc_t>(),
+                rstd.mutable_data_ptr<acc_t>());
+    dispatch_layout(t.cl, [&](auto cl) {
+      apply_matrix<decltype(cl)::value>(t, M, y.const_data_ptr<scalar_t>(),
+                                        mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), groups,
+                                        h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_, const at::Tensor& y_,
+                                                         const at::Tensor& Q, const at::Tensor& D,
+                                                         const at::Tensor& mean_, const at::Tensor& rstd_,
+                                                         int64_t groups, bool need_y, bool need_Q) {
+  DFM_FUSED_NO_AUTOCAST();
+  check_decay_args(y_, Q, D);
+  TORCH_CHECK(grad_.sizes() == y_.sizes() && grad_.scalar_type() == y_.scalar_type(),
+              "dfm_fused: grad must match y in shape and dtype");
+  const auto fmt = layout_of(grad_);
+  const at::Tensor grad = grad_.contiguous(fmt), y = y_.contiguous(fmt);
+  const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const Tiling t = tiling_of(grad);
+  at::Tensor grad_y = need_y ? empty_output(y.sizes(), y.options(), fmt) : at::empty({0}, y.options());
+  at::Tensor grad_Q = at::empty({0}, Q.options());
+  if ((!need_y && !need_Q) || y.numel() == 0) {
+    if (need_Q) grad_Q = at::zeros_like(Q);
+    return {grad_y, grad_Q};
+  }
+  const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, t.num_tiles()));
+  at::Tensor parts = need_Q ? at::zeros({chunks, t.C, t.C}, Q.options()) : at::Tensor();
+  at::Tensor sums = need_y ? at::empty({t.num_tiles(), groups, 2}, Q.options().dtype(at::kDouble)) : at::Tensor();
+  // M g is kept in float until the GroupNorm backward reads it; for float32/64 it lives in grad_y.
+  const bool in_place = y.scalar_type() == Q.scalar_type();
+  at::Tensor gn = need_y ? (in_place ? grad_y : at::empty(y.sizes(), Q.options().memory_format(fmt))) : at::Tensor();
+  const at::Tensor M = need_y ? decay_matrix(Q, D) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_state_update_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_layout(t.cl, [&](auto cl) {
+      constexpr bool CL = decltype(cl)::value;
+      backward_pass<CL>(t, grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                        mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), groups, M,
+                        need_y ? gn.mutable_data_ptr<acc_t>() : nullptr,
+                        need_y ? sums.mutable_data_ptr<double>() : nullptr, need_Q ? &parts : nullptr, chunks);
+      if (need_y) {
+        group_norm_backward<CL>(t, gn.const_data_ptr<acc_t>(), y.const_data_ptr<scalar_t>(),
+                                mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), groups,
+                                sums.const_data_ptr<double>(), grad_y.mutable_data_ptr<scalar_t>());
+      }
+    });
+  });
+  if (need_Q) grad_Q = grad_Q_from_parts(parts, Q, D);
+  return {grad_y, grad_Q};
+}
+
+}  // namespace dfm_fused::cpu

@@ -1,0 +1,96 @@
+// Op registration (TORCH_LIBRARY namespace `dfm_fused`) and the pybind11 build report.
+//
+// Autograd and fake (meta) kernels are registered from Python, next to each op's backend
+// (dfm_fused/ops/<op>/extension_backend.py), with torch.library.register_autograd and
+// register_fake, so torch.compile traces the ops without graph breaks.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "common.h"
+
+namespace dfm_fused {
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
+  // Read per call (cheap next to any kernel) so tests can switch it on after loading.
+  const char* value = std::getenv("DFM_FUSED_POISON");
+  const bool poison = value != nullptr && std::strcmp(value, "1") == 0;
+  at::Tensor out = at::empty(sizes, options.memory_format(format));
+  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+void check_decay_args(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D) {
+  TORCH_CHECK(x.dim() == 4, "dfm_fused: x must be (B, C, H, W); got ", x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(Q.dim() == 2 && Q.size(0) == C && Q.size(1) == C, "dfm_fused: Q must be (", C, ", ", C, "); got ",
+              Q.sizes());
+  TORCH_CHECK(D.dim() == 1 && D.size(0) == C, "dfm_fused: D must be (", C, ",); got ", D.sizes());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(Q.scalar_type() == acc && D.scalar_type() == acc, "dfm_fused: Q and D must be ", acc, " for ",
+              x.scalar_type(), " activations; got ", Q.scalar_type(), " and ", D.scalar_type());
+}
+
+}  // namespace dfm_fused
+
+TORCH_LIBRARY(dfm_fused, m) {
+  m.def("exp_decay(Tensor x, Tensor Q, Tensor D) -> Tensor");
+  m.def("exp_decay_backward(Tensor grad, Tensor x, Tensor Q, Tensor D, bool need_x, bool need_Q) -> (Tensor, Tensor)");
+  m.def("state_update(Tensor h, Tensor y, Tensor Q, Tensor D, int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "state_update_backward(Tensor grad, Tensor y, Tensor Q, Tensor D, Tensor mean, Tensor rstd, int groups, "
+      "bool need_y, bool need_Q) -> (Tensor, Tensor)");
+  m.def("feedback_input(Tensor x, Tensor h, int offset, int fb, int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "feedback_input_backward(Tensor grad, Tensor h, Tensor mean, Tensor rstd, int offset, int fb, int groups) "
+      "-> Tensor");
+}
+
+#define DFM_FUSED_IMPL(device)                                          \
+  m.impl("exp_decay", &dfm_fused::device::exp_decay);                   \
+  m.impl("exp_decay_backward", &dfm_fused::device::exp_decay_backward); \
+  m.impl("state_update", &dfm_fused::device::state_update);             \
+  m.impl("state_update_backward", &dfm_fused::device::state_update_backward); \
+  m.impl("feedback_input", &dfm_fused::device::feedback_input);         \
+  m.impl("feedback_input_backward", &dfm_fused::device::feedback_input_backward);
+
+TORCH_LIBRARY_IMPL(dfm_fused, CPU, m) { DFM_FUSED_IMPL(cpu) }
+
+#ifdef DFM_FUSED_WITH_CUDA
+TORCH_LIBRARY_IMPL(dfm_fused, CUDA, m) { DFM_FUSED_IMPL(cuda) }
+#endif
+
+// The build facts are also embedded as a plain string so that a loader which cannot
+// import this library (e.g. built against another torch) can still read them from the file.
+#define DFM_STR2(x) #x
+#define DFM_STR(x) DFM_STR2(x)
+extern "C" {
+__attribute__((used)) const char dfm_fused_build_marker[] = "DFM_FUSED_TORCH_VERSION=" DFM_STR(DFM_FUSED_TORCH_VERSION) ";";
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["torch_version"] = DFM_STR(DFM_FUSED_TORCH_VERSION);
+#ifdef DFM_FUSED_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_version"] = DFM_STR(DFM_FUSED_CUDA_VERSION);
+    info["cuda_arch_list"] = DFM_STR(DFM_FUSED_CUDA_ARCHS);
+#else
+    info["cuda"] = false;
+    info["cuda_version"] = pybind11::none();
+    info["cuda_arch_list"] = pybind11::none();
+#endif
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    info["parallel_info"] = at::get_parallel_info();
+    return info;
+  }, "Facts about this build: torch and CUDA versions it was built against, CUDA archs, OpenMP.");
+}

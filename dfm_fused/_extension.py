@@ -1,0 +1,96 @@
+"""Loader of the compiled C++/CUDA extension ``dfm_fused._C``.
+
+Importing :mod:`dfm_fused` never fails because of the extension: it is loaded lazily,
+once (thread-safely), the first time a ``cpp`` or ``cuda`` backend is asked for. If it
+is missing, was built against another torch, or lacks the CUDA kernels, those backends
+are reported unavailable with the reason and how to rebuild; forcing them raises
+:class:`dfm_fused.BackendUnavailable` with that message.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+from dfm_fused._dispatch import BackendUnavailable
+
+__all__ = ["build_info", "memory_format_of", "require"]
+
+_REBUILD = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
+_lock = threading.Lock()
+_loaded: tuple | None = None  # (module or None, reason or None)
+
+
+def _library_files() -> list[Path]:
+    return sorted(Path(__file__).parent.glob("_C*.so")) + sorted(Path(__file__).parent.glob("_C*.pyd"))
+
+
+def _built_against(path: Path) -> str | None:
+    """The torch version recorded in a built library (csrc/ops.cpp embeds it as plain text)."""
+    match = re.search(rb"DFM_FUSED_TORCH_VERSION=([^;\x00]+);", path.read_bytes())
+    return match.group(1).decode() if match else None
+
+
+def _try_load():
+    files = _library_files()
+    if not files:
+        return None, f"the C++ extension dfm_fused._C is not built ({_REBUILD})"
+    try:
+        module = importlib.import_module("dfm_fused._C")
+    except ImportError as exc:
+        built = _built_against(files[0])
+        if built is not None and built != torch.__version__:
+            return None, f"dfm_fused._C was built against torch {built}, running {torch.__version__}: rebuild ({_REBUILD})"
+        return None, f"dfm_fused._C failed to load ({exc}): rebuild ({_REBUILD})"
+    built = module.build_info()["torch_version"]
+    if built != torch.__version__:
+        return None, f"dfm_fused._C was built against torch {built}, running {torch.__version__}: rebuild ({_REBUILD})"
+    return module, None
+
+
+def _load():
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _try_load()
+    return _loaded
+
+
+def require(device_type: str) -> None:
+    """Raise :class:`BackendUnavailable` unless the extension's kernels can run on ``device_type``."""
+    module, reason = _load()
+    if module is None:
+        raise BackendUnavailable(reason)
+    if device_type == "cpu":
+        return
+    if device_type != "cuda":
+        raise BackendUnavailable(f"the C++ extension has no kernels for {device_type!r} tensors")
+    reasons = []
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA device is available")
+    if not module.build_info()["cuda"]:
+        reasons.append(
+            "dfm_fused._C was built without CUDA kernels: rebuild with a CUDA toolkit and a CUDA build of torch "
+            f"(DFM_FUSED_BUILD_CUDA=1; {_REBUILD})"
+        )
+    if reasons:
+        raise BackendUnavailable("; ".join(reasons))
+
+
+def build_info() -> dict:
+    """What was built: ``available`` and ``reason``, then (if loaded) the torch and CUDA versions it was
+    built against, ``cuda_arch_list``, ``openmp`` and ATen's ``parallel_info``."""
+    module, reason = _load()
+    if module is None:
+        return {"available": False, "reason": reason}
+    return {"available": True, "reason": None, **module.build_info()}
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels read ``x`` in and write their outputs in (csrc/common.h applies the same rule)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,59 @@
+"""``state_update`` on the C++/CUDA extension: ``torch.ops.dfm_fused.state_update(h, y, Q, D, groups, eps)``.
+
+The op returns ``(h + M GroupNorm(y), mean, rstd)``; the GroupNorm statistics
+(``B x groups``) are all it saves besides its inputs. Backward
+(``torch.ops.dfm_fused.state_update_backward``) recomputes the normalised ``y`` and ``M``
+and gives ``grad_y`` and ``grad_Q`` in one fused pass plus a GroupNorm epilogue;
+``grad_h`` is the incoming gradient. Loaded only after :func:`dfm_fused._extension.require` succeeded.
+"""
+from __future__ import annotations
+
+import torch
+
+from dfm_fused._extension import memory_format_of
+from dfm_fused.ops.common import compute_dtype, decay_vector
+
+
+@torch.library.register_fake("dfm_fused::state_update")
+def _state_update_fake(h, y, Q, D, groups, eps):
+    stats = Q.new_empty((h.shape[0], groups))
+    return torch.empty_like(h, memory_format=memory_format_of(h)), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("dfm_fused::state_update_backward")
+def _state_update_backward_fake(grad, y, Q, D, mean, rstd, groups, need_y, need_Q):
+    grad_y = torch.empty_like(y, memory_format=memory_format_of(grad)) if need_y else y.new_empty((0,))
+    grad_Q = Q.new_empty(Q.shape) if need_Q else Q.new_empty((0,))
+    return grad_y, grad_Q
+
+
+def _setup_context(ctx, inputs, output):
+    h, y, Q, D, groups, eps = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.groups = groups
+    ctx.save_for_backward(y, Q, D, mean, rstd)
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    y, Q, D, mean, rstd = ctx.saved_tensors
+    need_h, need_y, need_Q = ctx.needs_input_grad[:3]
+    grad_y = grad_Q = None
+    if need_y or need_Q:
+        grad_y, grad_Q = torch.ops.dfm_fused.state_update_backward(
+            grad, y, Q, D, mean, rstd, ctx.groups, need_y, need_Q
+        )
+    return grad if need_h else None, grad_y if need_y else None, grad_Q if need_Q else None, None, None, None
+
+
+torch.library.register_autograd("dfm_fused::state_update", _backward, setup_context=_setup_context)
+
+
+def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5):
+    """See :func:`dfm_fused.functional.state_update`. h, y: (B, C, H, W); Q: (C, C); S: (C,)."""
+    dtype = compute_dtype(h, y, Q)
+    act = dtype if dtype == torch.float64 else torch.promote_types(h.dtype, y.dtype)
+    out, _, _ = torch.ops.dfm_fused.state_update(
+        h.to(act), y.to(act), Q.to(dtype), decay_vector(S, t, tau, alpha).to(dtype), groups, eps
+    )
+    return out.to(h.dtype)

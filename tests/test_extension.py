@@ -1,0 +1,332 @@
+"""The C++/CUDA extension backends (``cpp`` on CPU tensors, ``cuda`` on GPU tensors) against
+:mod:`dfm_fused.reference`: forward and every gradient, dtypes, odd shapes, layouts,
+float64 gradcheck, thread-count determinism and ``torch.compile(fullgraph=True)``.
+
+Expected values come from the reference run in float64 on the same (upcast) inputs.
+Outputs are allocated NaN-filled (``DFM_FUSED_POISON=1``), so an element a kernel fails
+to write fails the full-tensor comparison.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dfm_fused import _extension, reference
+from dfm_fused._dispatch import BackendUnavailable
+
+
+def _reason(device_type: str) -> str | None:
+    try:
+        _extension.require(device_type)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+CPU_REASON = _reason("cpu")
+CUDA_REASON = _reason("cuda")
+BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")),
+    pytest.param("cuda", marks=pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda backend: {CUDA_REASON}")),
+]
+# Relative tolerance per dtype, applied against max(1, max |expected|).
+TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("DFM_FUSED_POISON", "1")
+
+
+def _ops():
+    from dfm_fused.ops.exp_decay import extension_backend as ed
+    from dfm_fused.ops.feedback_input import extension_backend as fi
+    from dfm_fused.ops.state_update import extension_backend as su
+
+    return ed.exp_decay, fi.feedback_input, su.state_update
+
+
+def _close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape, what
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    expected = expected.to(torch.float64)
+    tol = TOL[dtype] * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=TOL[dtype], atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _decay_params(C, device, dtype=torch.float32):
+    Q = torch.linalg.qr(torch.randn(C, C, dtype=torch.float64))[0].to(device=device, dtype=dtype)
+    S = (torch.rand(C, dtype=torch.float64) + 0.5).to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return Q, S, 1.3, 2.0, 0.9
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a non-contiguous view with the same values
+        return torch.cat([x, x], dim=3)[..., ::2]
+    return x
+
+
+def _run(fn, inputs, grad_dtype=None):
+    """Output and gradients of ``fn(*inputs)`` w.r.t. the inputs that require grad, for a fixed
+    random upstream gradient rounded to ``grad_dtype`` (default: the output's dtype)."""
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = g.to(grad_dtype or out.dtype).to(device=out.device, dtype=out.dtype)
+    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, diff, g)
+    return out, grads
+
+
+def _upcast(inputs):
+    return [
+        t.detach().to(torch.float64).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+        for t in inputs
+    ]
+
+
+def _check_against_reference(fn, ref, inputs, dtype, what):
+    out, grads = _run(fn, inputs)
+    ref_out, ref_grads = _run(ref, _upcast(inputs), grad_dtype=out.dtype)
+    _close(out, ref_out, dtype, f"{what} forward")
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        _close(a, e, a.dtype, f"{what} grad {i}")
+
+
+# (2, 520, 23, 25): two pixel tiles per image on the CPU, the second one partial.
+DECAY_SHAPES = [(1, 4, 1, 1), (3, 6, 7, 5), (2, 16, 4, 3), (2, 520, 23, 25)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _decay_case(shape, dtype, device, layout):
+    if dtype == torch.float64 and shape[1] > 64:
+        pytest.skip("float64 is covered by the small shapes")
+    B, C, H, W = shape
+    x = _layout(torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype), layout)
+    Q, S, t, tau, alpha = _decay_params(C, device, torch.float64 if dtype == torch.float64 else torch.float32)
+    return x.requires_grad_(), Q.requires_grad_(), S, t, tau, alpha
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DECAY_SHAPES, ids=str)
+def test_exp_decay(shape, dtype, layout, device):
+    exp_decay = _ops()[0]
+    inputs = _decay_case(shape, dtype, device, layout)
+    _check_against_reference(exp_decay, reference.exp_decay, inputs, dtype, "exp_decay")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DECAY_SHAPES, ids=str)
+def test_state_update(shape, dtype, layout, device):
+    state_update = _ops()[2]
+    y, Q, S, t, tau, alpha = _decay_case(shape, dtype, device, layout)
+    h = _layout(torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype), layout).requires_grad_()
+    groups = {4: 2, 6: 3, 16: 4, 520: 8}[shape[1]]
+    y = (y * 3 + 0.5).detach().requires_grad_()  # GroupNorm must remove a non-zero mean and scale
+    inputs = (h, y, Q, S, t, tau, alpha, groups, 1e-5)
+    _check_against_reference(state_update, reference.state_update, inputs, dtype, "state_update")
+
+
+# (x shape, h shape, offset, fb, groups): up- and down-sampling, 1x1, odd sizes, fb not a power of two.
+FEEDBACK_CASES = [
+    ((1, 3, 1, 1), (1, 5, 1, 1), 1, 2, 1),
+    ((3, 5, 7, 5), (3, 10, 3, 2), 2, 6, 3),
+    ((2, 4, 4, 4), (2, 9, 7, 7), 0, 9, 3),
+    ((2, 8, 56, 56), (2, 24, 7, 7), 8, 16, 8),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FEEDBACK_CASES, ids=str)
+def test_feedback_input(case, dtype, layout, device):
+    feedback_input = _ops()[1]
+    x_shape, h_shape, offset, fb, groups = case
+    x = _layout(torch.randn(x_shape, dtype=torch.float64).to(device=device, dtype=dtype), layout).requires_grad_()
+    h = (torch.randn(h_shape, dtype=torch.float64) * 2).to(device=device, dtype=dtype)
+    h = _layout(h, layout).requires_grad_()
+    _check_against_reference(
+        feedback_input, reference.feedback_input, (x, h, offset, fb, groups, 1e-5), dtype, "feedback_input"
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feedback_input_grad_x_is_a_view(device):
+    feedback_input = _ops()[1]
+    x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
+    h = torch.randn(2, 6, 3, 3, device=device, requires_grad=True)
+    out = feedback_input(x, h, 1, 4, 2, 1e-5)
+    g = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, g)
+    assert grad_x.data_ptr() == g.data_ptr()
+    torch.testing.assert_close(grad_x, g[:, :3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    exp_decay, feedback_input, state_update = _ops()
+    kw = dict(dtype=torch.float64, device=device, requires_grad=True)
+    Q, S, t, tau, alpha = _decay_params(6, device, torch.float64)
+    Q.requires_grad_()
+    x = torch.randn(2, 6, 3, 5, **kw)
+    h = torch.randn(2, 6, 3, 5, **kw)
+    assert torch.autograd.gradcheck(lambda x, Q: exp_decay(x, Q, S, t, tau, alpha), (x, Q))
+    assert torch.autograd.gradcheck(lambda h, y, Q: state_update(h, y, Q, S, t, tau, alpha, 3, 1e-5), (h, x, Q))
+    xs = torch.randn(2, 3, 5, 4, **kw)
+    hs = torch.randn(2, 7, 3, 2, **kw)
+    assert torch.autograd.gradcheck(lambda x, h: feedback_input(x, h, 1, 4, 2, 1e-5), (xs, hs))
+
+
+def _all_ops_once(device):
+    exp_decay, feedback_input, state_update = _ops()
+    y, Q, S, t, tau, alpha = _decay_case((3, 520, 23, 25), torch.float32, device, "contiguous")
+    h = torch.randn(y.shape, device=device, requires_grad=True)
+    results = []
+    results += _run(exp_decay, (y, Q, S, t, tau, alpha))[1]
+    out, grads = _run(state_update, (h, y, Q, S, t, tau, alpha, 8, 1e-5))
+    results += [out, *grads]
+    x = torch.randn(3, 8, 56, 56, device=device, requires_grad=True)
+    hf = torch.randn(3, 24, 7, 7, device=device, requires_grad=True)
+    out, grads = _run(feedback_input, (x, hf, 8, 16, 8, 1e-5))
+    results += [out, *grads]
+    return results
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+def test_cpu_results_do_not_depend_on_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        one = _all_ops_once("cpu")
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        two = _all_ops_once("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_fake_and_autograd_registrations(layout, device):
+    """torch.library.opcheck: schema, fake (meta) kernels incl. output strides, autograd registration."""
+    _ops()
+    ops = torch.ops.dfm_fused
+    C, groups = 6, 3
+    x = _layout(torch.randn(2, C, 5, 4, device=device), layout).requires_grad_()
+    h = _layout(torch.randn(2, C, 5, 4, device=device), layout).requires_grad_()
+    g = _layout(torch.randn(2, C, 5, 4, device=device), layout)
+    Q = torch.randn(C, C, device=device).t().detach().requires_grad_()  # column-major, as QR returns it
+    D = torch.rand(C, device=device)
+    torch.library.opcheck(ops.exp_decay, (x, Q, D))
+    torch.library.opcheck(ops.exp_decay_backward, (g, x.detach(), Q.detach(), D, True, True))
+    out, mean, rstd = ops.state_update(h, x, Q, D, groups, 1e-5)
+    torch.library.opcheck(ops.state_update, (h, x, Q, D, groups, 1e-5))
+    torch.library.opcheck(ops.state_update_backward, (g, x.detach(), Q.detach(), D, mean, rstd, groups, True, True))
+    xs = _layout(torch.randn(2, 3, 5, 4, device=device), layout).requires_grad_()
+    hs = _layout(torch.randn(2, 7, 3, 2, device=device), layout).requires_grad_()
+    out, mean, rstd = ops.feedback_input(xs, hs, 1, 4, 2, 1e-5)
+    torch.library.opcheck(ops.feedback_input, (xs, hs, 1, 4, 2, 1e-5))
+    gs = _layout(torch.randn(out.shape, device=device), layout)
+    torch.library.opcheck(ops.feedback_input_backward, (gs, hs.detach(), mean, rstd, 1, 4, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["exp_decay", "state_update", "feedback_input"])
+def test_torch_compile_fullgraph(op, device):
+    exp_decay, feedback_input, state_update = _ops()
+    torch._dynamo.reset()
+    Q, S, t, tau, alpha = _decay_params(8, device)
+    Q.requires_grad_()
+    if op == "exp_decay":
+        args = (torch.randn(2, 8, 5, 3, device=device, requires_grad=True), Q)
+        fn = lambda x, Q: exp_decay(x, Q, S, t, tau, alpha)  # noqa: E731
+    elif op == "state_update":
+        args = (torch.randn(2, 8, 5, 3, device=device, requires_grad=True),
+                torch.randn(2, 8, 5, 3, device=device, requires_grad=True), Q)
+        fn = lambda h, y, Q: state_update(h, y, Q, S, t, tau, alpha, 4, 1e-5)  # noqa: E731
+    else:
+        args = (torch.randn(2, 3, 6, 5, device=device, requires_grad=True),
+                torch.randn(2, 9, 3, 2, device=device, requires_grad=True))
+        fn = lambda x, h: feedback_input(x, h, 2, 6, 3, 1e-5)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    eager_out, eager_grads = _run(fn, args)
+    # No on-disk caches: a graph cached by an older build of the ops must not be reused.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        out, grads = _run(compiled, args)
+    torch.testing.assert_close(out, eager_out)
+    for a, e in zip(grads, eager_grads):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+def test_build_info():
+    info = _extension.build_info()
+    assert info["available"] and info["reason"] is None
+    assert info["torch_version"] == torch.__version__
+    assert info["openmp"] is True
+    assert "OpenMP" in info["parallel_info"]
+
+
+def test_extension_built_when_required():
+    """CI sets DFM_FUSED_REQUIRE_EXTENSION=1: there a missing extension is a failure, not a skip."""
+    if os.environ.get("DFM_FUSED_REQUIRE_EXTENSION") != "1":
+        pytest.skip("DFM_FUSED_REQUIRE_EXTENSION is not set")
+    assert CPU_REASON is None, CPU_REASON
+
+
+def test_unavailable_reasons(monkeypatch, tmp_path):
+    monkeypatch.setattr(_extension, "_library_files", lambda: [])
+    module, reason = _extension._try_load()
+    assert module is None and "not built" in reason and "pip install --no-build-isolation -e ." in reason
+
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(b"\x00junk DFM_FUSED_TORCH_VERSION=1.0.0+old; junk")
+    monkeypatch.setattr(_extension, "_library_files", lambda: [fake])
+
+    def fail(name):
+        raise ImportError("undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(_extension.importlib, "import_module", fail)
+    module, reason = _extension._try_load()
+    assert module is None
+    assert f"built against torch 1.0.0+old, running {torch.__version__}: rebuild" in reason
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_backend_unavailable_message_without_gpu():
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        _extension.require("cuda")
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+def test_functional_dispatch_uses_cpp():
+    import dfm_fused
+
+    x = torch.randn(2, 6, 3, 3)
+    Q, S, t, tau, alpha = _decay_params(6, "cpu")
+    out = dfm_fused.exp_decay(x, Q, S, t, tau, alpha, backend="cpp")
+    _close(out, reference.exp_decay(*_upcast([x, Q, S]), t, tau, alpha), torch.float32, "functional cpp")
+    assert "cpp" in dfm_fused.available_backends("cpu")
+
+
+def test_installed_package_is_tested():
+    """scripts/test.sh runs the suite against the installed wheel, never the source tree."""
+    if os.environ.get("DFM_FUSED_EXPECT_INSTALLED") != "1":
+        pytest.skip("DFM_FUSED_EXPECT_INSTALLED is not set")
+    import dfm_fused
+
+    assert "site-packages" in dfm_fused.__file__, dfm_fused.__file__

@@ -50,11 +50,12 @@ def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
         for r in members:
             assert r["time_s"]["median"] > 0 and r["time_s"]["repeats"] >= 2
             assert r["memory"]["saved_bytes"] > 0 and r["memory"]["peak_bytes"] >= 0
-            keys = ["speedup"]
-            # A peak ratio needs a reference pass that grew the process (page granularity).
-            keys += ["memory_ratio"] if reference["memory"]["peak_bytes"] > 0 else []
-            for key in keys:
-                assert math.isfinite(r[key]) and r[key] > 0, (group, r["impl"], key, r.get(key))
+            assert math.isfinite(r["speedup"]) and r["speedup"] > 0, (group, r["impl"], r.get("speedup"))
+            # A peak ratio needs a reference pass that grew the process (page granularity); a
+            # fused pass at tiny size may grow it by less than a page, hence >= 0.
+            if reference["memory"]["peak_bytes"] > 0:
+                ratio = r["memory_ratio"]
+                assert math.isfinite(ratio) and ratio >= 0, (group, r["impl"], ratio)
             # 0 when an implementation saves nothing but its inputs and parameters.
             assert math.isfinite(r["graph_memory_ratio"]) and r["graph_memory_ratio"] >= 0
         assert reference["speedup"] == 1.0 and reference["graph_memory_ratio"] == 1.0

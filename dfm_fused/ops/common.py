@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "autocast_off",
+    "concat_grad_x",
     "compute_dtype",
     "decay_grad_Q",
     "decay_matrix",
@@ -34,6 +35,13 @@ def autocast_off(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def concat_grad_x(grad_out: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of the ``x`` part of a channel concat: a view of ``grad_out[:, :channels]``
+    (cast only when ``x`` had another dtype than the output)."""
+    grad_x = grad_out[:, :channels]
+    return grad_x if grad_x.dtype == dtype else grad_x.to(dtype)
 
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfm_fused.ops.common import autocast_off, compute_dtype
+from dfm_fused.ops.common import autocast_off, compute_dtype, concat_grad_x
 from dfm_fused.ops.state_update.torch_backend import group_norm_backward, group_norm_stats, group_normalize
 
 
@@ -41,9 +41,7 @@ class FeedbackInputFunction(torch.autograd.Function):
         Cx, offset, fb, groups, x_dtype = ctx.meta
         grad_x = grad_h = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out[:, :Cx]
-            if grad_x.dtype != x_dtype:
-                grad_x = grad_x.to(x_dtype)
+            grad_x = concat_grad_x(grad_out, Cx, x_dtype)
         if ctx.needs_input_grad[1]:
             H, W = grad_out.shape[-2:]
             v = h[:, offset:offset + fb]

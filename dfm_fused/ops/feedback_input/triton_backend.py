@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import autocast_off
+from dfm_fused.ops.common import autocast_off, concat_grad_x
 from dfm_fused.ops.feedback_input.triton_kernels import feedback_forward, feedback_grad_h, feedback_stats
 from dfm_fused.ops.triton_utils import check_dtype
 
@@ -36,9 +36,7 @@ class FeedbackInputTriton(torch.autograd.Function):
         Cx, offset, fb, groups, x_dtype = ctx.meta
         grad_x = grad_h = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out[:, :Cx]
-            if grad_x.dtype != x_dtype:
-                grad_x = grad_x.to(x_dtype)
+            grad_x = concat_grad_x(grad_out, Cx, x_dtype)
         if ctx.needs_input_grad[1]:
             grad_h = feedback_grad_h(grad_out.contiguous(), h, mean, rstd, offset, fb, groups, Cx)
         return grad_x, grad_h, None, None, None, None

@@ -31,44 +31,36 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
 
 // Shapes and dtypes shared by the checks of every device.
 void check_decay_args(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D);
+void check_state_update_args(const at::Tensor& h, const at::Tensor& y, const at::Tensor& Q, const at::Tensor& D,
+                             int64_t groups);
+void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offset, int64_t fb, int64_t groups);
+
+// The op entry points, declared once for each device namespace.
+#define DFM_FUSED_DECLARE_OPS() \
+  at::Tensor exp_decay(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D); \
+  std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad, const at::Tensor& x, \
+                                                        const at::Tensor& Q, const at::Tensor& D, \
+                                                        bool need_x, bool need_Q); \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h, const at::Tensor& y, \
+                                                              const at::Tensor& Q, const at::Tensor& D, \
+                                                              int64_t groups, double eps); \
+  std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad, const at::Tensor& y, \
+                                                           const at::Tensor& Q, const at::Tensor& D, \
+                                                           const at::Tensor& mean, const at::Tensor& rstd, \
+                                                           int64_t groups, bool need_y, bool need_Q); \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x, const at::Tensor& h, \
+                                                                int64_t offset, int64_t fb, int64_t groups, \
+                                                                double eps); \
+  at::Tensor feedback_input_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean, \
+                                     const at::Tensor& rstd, int64_t offset, int64_t fb, int64_t groups);
 
 namespace cpu {
-at::Tensor exp_decay(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D);
-std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                      const at::Tensor& Q, const at::Tensor& D,
-                                                      bool need_x, bool need_Q);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h, const at::Tensor& y,
-                                                            const at::Tensor& Q, const at::Tensor& D,
-                                                            int64_t groups, double eps);
-std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad, const at::Tensor& y,
-                                                         const at::Tensor& Q, const at::Tensor& D,
-                                                         const at::Tensor& mean, const at::Tensor& rstd,
-                                                         int64_t groups, bool need_y, bool need_Q);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x, const at::Tensor& h,
-                                                              int64_t offset, int64_t fb, int64_t groups,
-                                                              double eps);
-at::Tensor feedback_input_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
-                                   const at::Tensor& rstd, int64_t offset, int64_t fb, int64_t groups);
+DFM_FUSED_DECLARE_OPS()
 }  // namespace cpu
 
 #ifdef DFM_FUSED_WITH_CUDA
 namespace cuda {
-at::Tensor exp_decay(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D);
-std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                      const at::Tensor& Q, const at::Tensor& D,
-                                                      bool need_x, bool need_Q);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h, const at::Tensor& y,
-                                                            const at::Tensor& Q, const at::Tensor& D,
-                                                            int64_t groups, double eps);
-std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad, const at::Tensor& y,
-                                                         const at::Tensor& Q, const at::Tensor& D,
-                                                         const at::Tensor& mean, const at::Tensor& rstd,
-                                                         int64_t groups, bool need_y, bool need_Q);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x, const at::Tensor& h,
-                                                              int64_t offset, int64_t fb, int64_t groups,
-                                                              double eps);
-at::Tensor feedback_input_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean,
-                                   const at::Tensor& rstd, int64_t offset, int64_t fb, int64_t groups);
+DFM_FUSED_DECLARE_OPS()
 }  // namespace cuda
 #endif
 

@@ -35,6 +35,22 @@ void check_decay_args(const at::Tensor& x, const at::Tensor& Q, const at::Tensor
               x.scalar_type(), " activations; got ", Q.scalar_type(), " and ", D.scalar_type());
 }
 
+void check_state_update_args(const at::Tensor& h, const at::Tensor& y, const at::Tensor& Q, const at::Tensor& D,
+                             int64_t groups) {
+  check_decay_args(y, Q, D);
+  TORCH_CHECK(h.sizes() == y.sizes() && h.scalar_type() == y.scalar_type(),
+              "dfm_fused: h and y must have one shape and dtype; got ", h.sizes(), " ", h.scalar_type(), " and ",
+              y.sizes(), " ", y.scalar_type());
+  TORCH_CHECK(groups >= 1 && y.size(1) % groups == 0, "dfm_fused: groups must divide C");
+}
+
+void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offset, int64_t fb, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && h.dim() == 4 && x.size(0) == h.size(0), "dfm_fused: x and h must be (B, C, H, W)");
+  TORCH_CHECK(x.scalar_type() == h.scalar_type(), "dfm_fused: x and h must have one dtype");
+  TORCH_CHECK(offset >= 0 && fb >= 1 && offset + fb <= h.size(1) && groups >= 1 && fb % groups == 0,
+              "dfm_fused: bad offset/fb/groups");
+}
+
 }  // namespace dfm_fused
 
 TORCH_LIBRARY(dfm_fused, m) {

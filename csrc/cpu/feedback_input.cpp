@@ -299,10 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& 
                                                               int64_t offset, int64_t fb, int64_t groups,
                                                               double eps) {
   DFM_FUSED_NO_AUTOCAST();
-  TORCH_CHECK(x_.dim() == 4 && h_.dim() == 4 && x_.size(0) == h_.size(0), "dfm_fused: x and h must be (B, C, H, W)");
-  TORCH_CHECK(x_.scalar_type() == h_.scalar_type(), "dfm_fused: x and h must have one dtype");
-  TORCH_CHECK(offset >= 0 && fb >= 1 && offset + fb <= h_.size(1) && groups >= 1 && fb % groups == 0,
-              "dfm_fused: bad offset/fb/groups");
+  check_feedback_args(x_, h_, offset, fb, groups);
   const auto fmt = layout_of(x_);
   const at::Tensor x = x_.contiguous(fmt), h = h_.contiguous();
   const int64_t B = x.size(0);

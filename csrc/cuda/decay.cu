@@ -336,10 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
                                                             const at::Tensor& Q, const at::Tensor& D, int64_t groups,
                                                             double eps) {
   DFM_FUSED_NO_AUTOCAST();
-  check_decay_args(y_, Q, D);
-  TORCH_CHECK(h_.sizes() == y_.sizes() && h_.scalar_type() == y_.scalar_type(),
-              "dfm_fused: h and y must have one shape and dtype");
-  TORCH_CHECK(groups >= 1 && y_.size(1) % groups == 0, "dfm_fused: groups must divide C");
+  check_state_update_args(h_, y_, Q, D, groups);
   const c10::cuda::CUDAGuard guard(h_.device());
   const at::Tensor h = h_.contiguous(), y = y_.contiguous();
   const int64_t B = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);

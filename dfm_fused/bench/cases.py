@@ -163,8 +163,23 @@ def _generator_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+class _Case:
+    """Naming shared by op and end-to-end cases: ``group`` is what is compared, ``impl`` who runs it."""
+
+    group: str
+    impl: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.group} {self.impl}"
+
+    @property
+    def is_reference(self) -> bool:
+        return self.impl == "reference"
+
+
 @dataclass(frozen=True)
-class OpCase:
+class OpCase(_Case):
     """One op, mode (``fwd``: training forward; ``fwd+bwd``), shape, dtype, implementation."""
 
     op: str
@@ -179,14 +194,6 @@ class OpCase:
     @property
     def group(self) -> str:
         return f"{self.op} {self.mode} {self.shape.name} {self.dtype}"
-
-    @property
-    def id(self) -> str:
-        return f"{self.group} {self.impl}"
-
-    @property
-    def is_reference(self) -> bool:
-        return self.impl == "reference"
 
     def spec(self) -> dict:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -265,7 +272,7 @@ def op_cases(device_type: str, shapes, dtypes, impls, ops=OPS, modes=MODES) -> l
 
 
 @dataclass(frozen=True)
-class E2ECase:
+class E2ECase(_Case):
     """A DFM training step (forward over T steps, cross-entropy, backward to every parameter).
 
     ``model``: ``resnet18`` (:mod:`dfm_fused.models`, ``fb_filters=16``, 200 classes)
@@ -286,13 +293,6 @@ class E2ECase:
     def group(self) -> str:
         return f"e2e {self.model} T={self.T} B={self.B} {self.image[0]}x{self.image[1]} {self.dtype}"
 
-    @property
-    def id(self) -> str:
-        return f"{self.group} {self.impl}"
-
-    @property
-    def is_reference(self) -> bool:
-        return self.impl == "reference"
 
     @property
     def shape(self):

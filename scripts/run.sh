@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DFM_FUSED_VENV:-.venv}"
+export PIP_NO_CACHE_DIR=1
 python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"

@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$(realpath -m "${DFM_FUSED_VENV:-.venv}")"
 TEST_VENV="$(realpath -m "${DFM_FUSED_TEST_VENV:-.venv-test}")"
+# The CUDA build of torch with its nvidia-* wheels is about 5.5 GB; a second copy in the test
+# venv plus pip's cache of the downloads filled a CI machine's disk. So pip keeps no cache, and
+# the test venv borrows the build venv's packages through a .pth file (see below).
+export PIP_NO_CACHE_DIR=1
 # torch 2.14.1 is the CUDA build (it runs on the CPU too, ships triton, and lets the
 # CUDA sources compile on a machine without a GPU).
 python3 -m venv "$VENV"
@@ -17,9 +21,13 @@ start=$(date +%s)
 PATH="$VENV/bin:$PATH" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" bash scripts/build_wheel.sh dist
 echo "wheel built in $(( $(date +%s) - start )) s"
 
+# The test venv is new and dfm_fused enters it only from the wheel. `pip wheel` installs
+# nothing into the build venv, so the .pth file lends torch (and the build tools) and no
+# dfm_fused; pip sees the lent torch and does not install it again.
 rm -rf "$TEST_VENV"
 python3 -m venv "$TEST_VENV"
-"$TEST_VENV/bin/python" -m pip install -q "torch==2.14.1"
+"$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+    > "$("$TEST_VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_dfm_fused_build_env.pth"
 "$TEST_VENV/bin/python" -m pip install -q "$(ls dist/dfm_fused-*.whl)[test]"
 # Run from a scratch directory that holds only a link to tests/: `tests` stays importable
 # (tests import tests._golden) but the source dfm_fused/ is not on sys.path, so the installed

@@ -2,13 +2,16 @@
 
 The CPU kernels are always built. The CUDA kernels are built when a CUDA toolkit and a
 CUDA build of torch are present, or when ``DFM_FUSED_BUILD_CUDA=1``;
-``DFM_FUSED_BUILD_CUDA=0`` skips them. CUDA architectures come from
+``DFM_FUSED_BUILD_CUDA=0`` skips them. On x86-64 the CPU kernels that gain from wider
+vectors are also built for AVX2 + FMA and picked at run time (``DFM_FUSED_CPU_AVX2=0`` skips
+that build, e.g. for a compiler without GCC's target pragma). CUDA architectures come from
 ``TORCH_CUDA_ARCH_LIST`` (default when no GPU is visible: 8.0 8.6 8.9 9.0+PTX).
 ``MAX_JOBS`` limits parallel compile jobs (read by torch's ninja build).
 ``DFM_FUSED_LOCAL_VERSION=1`` appends ``+cu<CUDA>torch<major.minor>`` (or ``+cputorch<..>``)
 to the version, as the wheel build script does.
 """
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -35,10 +38,19 @@ def _extension_build():
             "DFM_FUSED_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
             f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
         )
-    sources = ["csrc/ops.cpp", "csrc/cpu/decay.cpp", "csrc/cpu/feedback_input.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/target.cpp", "csrc/cpu/decay.cpp", "csrc/cpu/feedback_input.cpp"]
     # Stringified in C++ (csrc/ops.cpp): keep the values free of spaces, commas and semicolons.
     defines = [f"-DDFM_FUSED_TORCH_VERSION={torch.__version__}"]
-    cxx = ["-O3", "-fopenmp"]
+    avx2 = os.environ.get("DFM_FUSED_CPU_AVX2", "1")
+    if avx2 not in ("0", "1"):
+        raise SystemExit(f"DFM_FUSED_CPU_AVX2: expected 0 or 1; got {avx2!r}")
+    if avx2 == "1" and platform.machine().lower() in ("x86_64", "amd64"):
+        # A second, AVX2 + FMA build of the kernels that gain from it, chosen at run time.
+        sources.append("csrc/cpu/avx2/feedback_input.cpp")
+        defines.append("-DDFM_FUSED_WITH_AVX2")
+    # -fno-trapping-math: the kernels never read floating-point exception flags; without it GCC
+    # refuses to vectorise loops with a float -> int conversion (the softmax exp).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     extra = {"cxx": cxx}
     if cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

@@ -6,6 +6,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
+#include <type_traits>
 
 namespace dfm_fused {
 
@@ -18,6 +19,17 @@ inline bool is_channels_last(const at::Tensor& x) {
 
 inline at::MemoryFormat layout_of(const at::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Calls f(std::true_type{}) for channels_last, f(std::false_type{}) for NCHW, so kernels take
+// the layout as a compile-time constant and their NCHW inner loops are unit-stride.
+template <typename F>
+void dispatch_layout(bool channels_last, F&& f) {
+  if (channels_last) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 // First statement of every op: the kernels call ATen (GEMMs, small matrix products) and must
@@ -48,6 +60,9 @@ void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offse
                                                            const at::Tensor& Q, const at::Tensor& D, \
                                                            const at::Tensor& mean, const at::Tensor& rstd, \
                                                            int64_t groups, bool need_y, bool need_Q); \
+  DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS()
+
+#define DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS() \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x, const at::Tensor& h, \
                                                                 int64_t offset, int64_t fb, int64_t groups, \
                                                                 double eps); \
@@ -56,6 +71,21 @@ void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offse
 
 namespace cpu {
 DFM_FUSED_DECLARE_OPS()
+
+// The CPU kernels built per target (csrc/cpu/target.h); the entry points above pick one.
+namespace baseline {
+DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS()
+}
+#ifdef DFM_FUSED_WITH_AVX2
+namespace avx2 {
+DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS()
+}
+#endif
+
+// The CPU target the next call runs: DFM_FUSED_CPU_TARGET ("baseline" or "avx2") when set,
+// otherwise the best one this build has and this CPU supports. Asking for a target that is
+// not built or not supported raises.
+const char* cpu_target();
 }  // namespace cpu
 
 #ifdef DFM_FUSED_WITH_CUDA

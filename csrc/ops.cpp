@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "common.h"
 
@@ -101,6 +102,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda_version"] = pybind11::none();
     info["cuda_arch_list"] = pybind11::none();
 #endif
+    pybind11::list cpu_targets;
+    cpu_targets.append("baseline");
+#ifdef DFM_FUSED_WITH_AVX2
+    cpu_targets.append("avx2");
+#endif
+    info["cpu_targets"] = cpu_targets;
 #ifdef _OPENMP
     info["openmp"] = true;
 #else
@@ -108,5 +115,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     info["parallel_info"] = at::get_parallel_info();
     return info;
-  }, "Facts about this build: torch and CUDA versions it was built against, CUDA archs, OpenMP.");
+  }, "Facts about this build: torch and CUDA versions it was built against, CUDA archs, CPU targets "
+     "built, OpenMP.");
+  m.def("cpu_target", [] { return std::string(dfm_fused::cpu::cpu_target()); },
+        "The CPU target the next CPU kernel call runs (DFM_FUSED_CPU_TARGET, or the best supported).");
 }

@@ -82,11 +82,17 @@ def require(device_type: str) -> None:
 
 def build_info() -> dict:
     """What was built: ``available`` and ``reason``, then (if loaded) the torch and CUDA versions it was
-    built against, ``cuda_arch_list``, ``openmp`` and ATen's ``parallel_info``."""
+    built against, ``cuda_arch_list``, ``cpu_targets`` (``baseline``, plus ``avx2`` on x86-64),
+    ``cpu_target`` (the one CPU kernels run now: ``DFM_FUSED_CPU_TARGET`` or the best this CPU
+    supports), ``openmp`` and ATen's ``parallel_info``.
+
+    Raises ``RuntimeError`` when ``DFM_FUSED_CPU_TARGET`` names a target that is not built or
+    not supported here.
+    """
     module, reason = _load()
     if module is None:
         return {"available": False, "reason": reason}
-    return {"available": True, "reason": None, **module.build_info()}
+    return {"available": True, "reason": None, **module.build_info(), "cpu_target": module.cpu_target()}
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

@@ -162,6 +162,35 @@ def test_feedback_input(case, dtype, layout, device):
     )
 
 
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+@pytest.mark.parametrize("target", ["baseline", "avx2"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FEEDBACK_CASES, ids=str)
+def test_feedback_input_each_cpu_target(case, dtype, layout, target, monkeypatch):
+    """Both builds of the CPU kernels (csrc/cpu/target.h), whichever one `auto` picks here."""
+    monkeypatch.setenv("DFM_FUSED_CPU_TARGET", target)
+    if target not in _extension.build_info()["cpu_targets"]:
+        pytest.skip(f"this build has no {target} kernels")
+    try:
+        assert _extension.build_info()["cpu_target"] == target
+    except RuntimeError as exc:  # built, but this CPU lacks the instructions
+        pytest.skip(str(exc))
+    test_feedback_input(case, dtype, layout, "cpu")
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+def test_bad_cpu_target_raises(monkeypatch):
+    import dfm_fused
+
+    monkeypatch.setenv("DFM_FUSED_CPU_TARGET", "avx512")
+    with pytest.raises(RuntimeError, match="DFM_FUSED_CPU_TARGET must be 'baseline' or 'avx2'; got 'avx512'"):
+        _extension.build_info()
+    x, h = torch.randn(1, 2, 3, 3), torch.randn(1, 4, 2, 2)
+    with pytest.raises(RuntimeError, match="DFM_FUSED_CPU_TARGET"):
+        dfm_fused.feedback_input(x, h, 0, 2, 1, backend="cpp")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_feedback_input_grad_x_is_a_view(device):
     feedback_input = _ops()[1]
@@ -280,6 +309,8 @@ def test_build_info():
     assert info["torch_version"] == torch.__version__
     assert info["openmp"] is True
     assert "OpenMP" in info["parallel_info"]
+    assert info["cpu_targets"][0] == "baseline" and set(info["cpu_targets"]) <= {"baseline", "avx2"}
+    assert info["cpu_target"] in info["cpu_targets"]
 
 
 def test_extension_built_when_required():

@@ -22,15 +22,6 @@ namespace {
 // Chunks of tiles that own one partial C x C sum each (bounded memory, fixed split).
 constexpr int64_t kChunks = 8;
 
-template <typename F>
-void dispatch_layout(bool cl, F&& f) {
-  if (cl) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 at::Tensor decay_matrix(const at::Tensor& Q, const at::Tensor& D) {
   return at::mm(Q.t() * D.unsqueeze(0), Q).contiguous();
 }

@@ -6,6 +6,8 @@
 // of x. Nothing full-size but the output is written. Backward recomputes the projection
 // per row, forms the softmax and GroupNorm gradients, and scatters the bilinear backward
 // per (batch, channel) plane, so no two threads ever add into one element.
+//
+// Built twice (csrc/cpu/target.h): baseline and AVX2; csrc/cpu/target.cpp picks one per call.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,8 +18,9 @@
 #include <vector>
 
 #include "../common.h"
+#include "target.h"  // last: everything below is compiled for the target
 
-namespace dfm_fused::cpu {
+namespace dfm_fused::cpu::DFM_FUSED_TARGET_NS {
 namespace {
 
 // Source rows/columns and weights of bilinear resizing with align_corners=False, as ATen computes them.
@@ -130,20 +133,20 @@ struct Projection {
   }
 };
 
-// Offset of out[b, c, i, 0] and the stride between pixels of a row, for an NCHW or NHWC tensor.
+// Offset of out[b, c, i, 0] and the stride between pixels of a row, for an NCHW (CL = false)
+// or NHWC tensor.
+template <bool CL>
 struct Layout {
   int64_t C, H, W;
-  bool cl;
-  int64_t at(int64_t b, int64_t c, int64_t i) const { return cl ? ((b * H + i) * W) * C + c : ((b * C + c) * H + i) * W; }
-  int64_t pixel_stride() const { return cl ? C : 1; }
+  int64_t at(int64_t b, int64_t c, int64_t i) const { return CL ? ((b * H + i) * W) * C + c : ((b * C + c) * H + i) * W; }
+  int64_t pixel_stride() const { return CL ? C : 1; }
 };
 
-template <typename scalar_t>
+template <bool CL, typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& h, int64_t offset, int64_t fb, int64_t groups, double eps,
                 at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), Cx = x.size(1), H = x.size(2), W = x.size(3), Co = Cx + fb;
-  const bool cl = is_channels_last(x);
   const Projection<scalar_t, acc_t> proj(h, H, W, offset, fb, groups);
   const int64_t cpg = fb / groups;
   acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
@@ -156,6 +159,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h, int64_t offset, int6
       for (int64_t c = grp * cpg; c < (grp + 1) * cpg; ++c) {
         for (int64_t i = 0; i < H; ++i) {
           proj.row(b, c, i, r.data());
+#pragma omp simd reduction(+ : s, ss)
           for (int64_t j = 0; j < W; ++j) {
             s += r[j];
             ss += static_cast<double>(r[j]) * r[j];
@@ -167,14 +171,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h, int64_t offset, int6
       rstd_p[k] = static_cast<acc_t>(1.0 / std::sqrt(std::max(ss / count - m * m, 0.0) + eps));
     }
   });
-  const Layout lo{Co, H, W, cl}, li{Cx, H, W, lo.cl};
+  const Layout<CL> lo{Co, H, W}, li{Cx, H, W};
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> n(fb * W), p(fb * W), tmp(W);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / H, i = k % H;
-      if (lo.cl) {  // x's channels of each pixel of the row: short runs, an inline loop beats memcpy calls
+      if constexpr (CL) {  // x's channels of each pixel of the row: short runs, an inline loop beats memcpy calls
         for (int64_t j = 0; j < W; ++j) {
           const scalar_t* src = xp + li.at(b, 0, i) + j * Cx;
           scalar_t* dst = op + lo.at(b, 0, i) + j * Co;
@@ -193,18 +197,17 @@ void forward_impl(const at::Tensor& x, const at::Tensor& h, int64_t offset, int6
   });
 }
 
-template <typename scalar_t>
+template <bool CL, typename scalar_t>
 void backward_impl(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
                  int64_t offset, int64_t fb, int64_t groups, at::Tensor& grad_h) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = grad.size(0), Co = grad.size(1), H = grad.size(2), W = grad.size(3), Cx = Co - fb;
   const int64_t hh = h.size(2), ww = h.size(3);
-  const bool cl = is_channels_last(grad);
   const Projection<scalar_t, acc_t> proj(h, H, W, offset, fb, groups);
   const int64_t cpg = fb / groups;
   const acc_t* mean_p = mean.const_data_ptr<acc_t>();
   const acc_t* rstd_p = rstd.const_data_ptr<acc_t>();
-  const Layout lg{Co, H, W, cl};
+  const Layout<CL> lg{Co, H, W};
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   // Softmax backward per row; gn = d loss / d GroupNorm output, kept as (B, fb, H, W) float.
   std::vector<acc_t> gn(B * fb * H * W);
@@ -229,6 +232,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& h, const at::Tensor
       for (int64_t c = 0; c < fb; ++c) {
         acc_t* dst = gn.data() + ((b * fb + c) * H + i) * W;
         double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
         for (int64_t j = 0; j < W; ++j) {
           const acc_t v = p[c * W + j] * (g[c * W + j] - tmp[j]);
           dst[j] = v;
@@ -309,7 +313,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& 
   at::Tensor rstd = empty_output({B, groups}, x.options().dtype(acc_dtype));
   if (B == 0) return {out, mean, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_feedback_input", [&] {
-    forward_impl<scalar_t>(x, h, offset, fb, groups, eps, out, mean, rstd);
+    dispatch_layout(is_channels_last(x), [&](auto cl) {
+      forward_impl<decltype(cl)::value, scalar_t>(x, h, offset, fb, groups, eps, out, mean, rstd);
+    });
   });
   return {out, mean, rstd};
 }
@@ -326,8 +332,13 @@ at::Tensor feedback_input_backward(const at::Tensor& grad_, const at::Tensor& h_
   at::Tensor grad_h = at::zeros(h.sizes(), h.options());
   if (grad.size(0) == 0) return grad_h;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dfm_fused_feedback_input_backward",
-                                  [&] { backward_impl<scalar_t>(grad, h, mean, rstd, offset, fb, groups, grad_h); });
+                                  [&] {
+                                    dispatch_layout(is_channels_last(grad), [&](auto cl) {
+                                      backward_impl<decltype(cl)::value, scalar_t>(grad, h, mean, rstd, offset, fb,
+                                                                                   groups, grad_h);
+                                    });
+                                  });
   return grad_h;
 }
 
-}  // namespace dfm_fused::cpu
+}  // namespace dfm_fused::cpu::DFM_FUSED_TARGET_NS

@@ -1,10 +1,11 @@
 """``unroll``: the T-step DFM loop with a memory-saving backward (SPEC section 3).
 
-With ``checkpoint=True`` the forward runs the T steps without building a graph
-and keeps only the states ``h_0 .. h_{T-1}``. The backward walks the steps in
-reverse, re-runs one step with grad enabled, back-propagates through it and
+With ``checkpoint=True`` the forward runs the first T-1 steps without building a
+graph and keeps only the states ``h_0 .. h_{T-1}``; the last step keeps its graph,
+since its backward comes first. The backward walks the steps in reverse, re-runs
+one step with grad enabled (all but the last), back-propagates through it and
 frees it, so activation memory is one step's graph plus T states instead of T
-graphs. The replay is faithful:
+graphs, and T-1 steps are recomputed. The replay is faithful:
 
 - the RNG state (CPU and the state's CUDA device) is restored, so dropout masks repeat;
 - autocast settings of the forward are restored;
@@ -145,6 +146,7 @@ class _Replay:
         self.rng_states: list[tuple] = []
         self.buffers_before: list[list[torch.Tensor]] = []
         self.preserve_rng_state = preserve_rng_state
+        self.kept: tuple | None = None
         self.cuda_devices = [h0.device] if h0.device.type == "cuda" else []
         device_type = h0.device.type
         self.autocast = [
@@ -153,6 +155,28 @@ class _Replay:
         ]
 
     def run_forward_step(self, x, h, t):
+        self._snapshot()
+        return self.step(x, h, t)
+
+    def run_last_step(self, x, h, needs_x):
+        """Run the last step with its graph, kept for the first backward: that step's
+        backward comes first, so keeping it costs no more peak memory than any replayed
+        step, and it saves one of the T recomputations."""
+        self._snapshot()
+        h_in = h.detach().requires_grad_(True)
+        x_in = x.detach().requires_grad_(True) if needs_x else x
+        with torch.enable_grad():
+            h_next = self.step(x_in, h_in, self.T - 1)
+        self.kept = (h_in, x_in, h_next)
+        return h_next
+
+    def take_kept(self):
+        """The last step's ``(h, x, h_next)`` graph, once; ``None`` after that (a second
+        backward through a retained graph replays the step like the others)."""
+        kept, self.kept = self.kept, None
+        return kept
+
+    def _snapshot(self):
         if self.preserve_rng_state:
             self.rng_states.append(
                 (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.cuda_devices])
@@ -161,7 +185,6 @@ class _Replay:
         # version counters, and comparing values would sync with the device, so
         # every buffer is snapshotted (they are small next to a state).
         self.buffers_before.append([b.clone() for b in self.buffers])
-        return self.step(x, h, t)
 
     @contextlib.contextmanager
     def replaying(self, t):
@@ -201,9 +224,12 @@ class _UnrollFunction(torch.autograd.Function):
         states = [h0]
         h = h0
         for t in range(replay.T):
-            h_next = replay.run_forward_step(x, h, t)
+            if t == replay.T - 1:
+                h_next = replay.run_last_step(x, h, x is not None and ctx.needs_input_grad[1])
+            else:
+                h_next = replay.run_forward_step(x, h, t)
             _check_next_state(h_next, h, t)
-            states.append(h_next)
+            states.append(h_next.detach())
             h = h_next
         ctx.replay = replay
         # Saved: x and h_0 .. h_{T-1}; h_T is not needed to back-propagate.
@@ -220,22 +246,23 @@ class _UnrollFunction(torch.autograd.Function):
         grad_x = None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         grad_h = grad_outputs[-1]
+        wanted = [p for p, need in zip(params, needs_params) if need]
+        kept = replay.take_kept()
         for t in reversed(range(replay.T)):
-            h_t = states[t].detach().requires_grad_(True)
-            x_t = x.detach().requires_grad_(True) if needs_x else x
-            # The gradient is taken inside the replay context: the step's graph may
-            # hold buffers (batch_norm saves its running statistics) that are put
-            # back only when the context closes.
-            with replay.replaying(t):
-                with torch.enable_grad():
-                    h_next = replay.step(x_t, h_t, t)
-                inputs = [h_t] + ([x_t] if needs_x else []) + [p for p, need in zip(params, needs_params) if need]
-                if t == replay.T - 1:
-                    _check_no_lost_leaves(h_next, inputs)
-                if h_next.requires_grad:
-                    grads = list(torch.autograd.grad(h_next, inputs, grad_h, allow_unused=True))
-                else:
-                    grads = [None] * len(inputs)
+            if t == replay.T - 1 and kept is not None:
+                h_t, x_t, h_next = kept
+                grads = _step_grads(h_next, [h_t] + ([x_t] if needs_x else []) + wanted, grad_h, check_leaves=True)
+            else:
+                h_t = states[t].detach().requires_grad_(True)
+                x_t = x.detach().requires_grad_(True) if needs_x else x
+                # The gradient is taken inside the replay context: the step's graph may
+                # hold buffers (batch_norm saves its running statistics) that are put
+                # back only when the context closes.
+                with replay.replaying(t):
+                    with torch.enable_grad():
+                        h_next = replay.step(x_t, h_t, t)
+                    inputs = [h_t] + ([x_t] if needs_x else []) + wanted
+                    grads = _step_grads(h_next, inputs, grad_h, check_leaves=t == replay.T - 1)
             grad_h = grads.pop(0)
             if grad_h is None:
                 grad_h = torch.zeros_like(h_t)
@@ -247,6 +274,15 @@ class _UnrollFunction(torch.autograd.Function):
                 if need:
                     grad_params[i] = _accumulate(grad_params[i], grads.pop(0))
         return (None, grad_x, grad_h, *grad_params)
+
+
+def _step_grads(h_next, inputs, grad_h, check_leaves: bool) -> list:
+    """Gradients of one step's output w.r.t. ``inputs`` (``None`` where unused)."""
+    if check_leaves:
+        _check_no_lost_leaves(h_next, inputs)
+    if not h_next.requires_grad:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(h_next, inputs, grad_h, allow_unused=True))
 
 
 def _copy_all(destinations, sources) -> None:

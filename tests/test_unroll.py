@@ -145,13 +145,42 @@ def test_checkpoint_graph_memory_is_one_step_plus_states():
     x = torch.randn(4, CX, 32, 32, requires_grad=True)
     h0 = 1e-3 * torch.randn(4, C, 16, 16)
     state_bytes = h0.numel() * h0.element_size()
-    one_step, _ = _saved_bytes(lambda: dfm_fused.unroll(step, x, h0, 1, checkpoint=False))
+    x_bytes = x.numel() * x.element_size()
+    # The kept last step back-propagates into its input state, so it saves what a step whose
+    # state needs a gradient saves.
+    h0_grad = h0.clone().requires_grad_()
+    one_step, _ = _saved_bytes(lambda: dfm_fused.unroll(step, x, h0_grad, 1, checkpoint=False))
     plain8, _ = _saved_bytes(lambda: dfm_fused.unroll(step, x, h0, 8, checkpoint=False))
     ckpt8, out = _saved_bytes(lambda: dfm_fused.unroll(step, x, h0, 8, checkpoint=True))
-    assert ckpt8 <= one_step + 8 * state_bytes, (ckpt8, one_step, state_bytes)
+    # The last step's graph, the input of the replays, and the states h_0 .. h_7.
+    assert ckpt8 <= one_step + x_bytes + 8 * state_bytes, (ckpt8, one_step, x_bytes, state_bytes)
     assert plain8 >= 6 * one_step  # the plain graph grows with T
     out.sum().backward()  # and the checkpointed graph still back-propagates
     assert step.conv.weight.grad is not None
+
+
+def test_checkpoint_recomputes_all_steps_but_the_last():
+    step = _make(torch.float64, dropout=0.3).train()
+    calls = []
+    counted = lambda x, h, t: calls.append(t) or step(x, h, t)  # noqa: E731
+    x, h0 = _inputs()
+    torch.manual_seed(1)
+    out = dfm_fused.unroll(counted, x, h0, 4, module=step)
+    assert calls == [0, 1, 2, 3]
+    out.sum().backward()
+    assert calls == [0, 1, 2, 3, 2, 1, 0]
+
+
+def test_second_backward_through_a_retained_graph_replays_the_last_step():
+    step = _make(torch.float64, dropout=0.3).train()
+    x, h0 = _inputs()
+    torch.manual_seed(2)
+    out = dfm_fused.unroll(step, x, h0, 3)
+    inputs = [x, h0, step.conv.weight, step.bn.weight, step.update.Q]
+    first = torch.autograd.grad(out.sum(), inputs, retain_graph=True)
+    second = torch.autograd.grad(out.sum(), inputs)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_lost_gradient_is_an_error_not_silence():

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../common.h"
@@ -210,7 +211,8 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& h, const at::Tensor
   const Layout<CL> lg{Co, H, W};
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   // Softmax backward per row; gn = d loss / d GroupNorm output, kept as (B, fb, H, W) float.
-  std::vector<acc_t> gn(B * fb * H * W);
+  // Every element is written by the softmax pass below: no need to zero-fill it first.
+  const std::unique_ptr<acc_t[]> gn(new acc_t[B * fb * H * W]);
   std::vector<double> row_sums(B * H * groups * 2);
   at::parallel_for(0, B * H, 1, [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> n(fb * W), p(fb * W), g(fb * W), tmp(W);
@@ -230,7 +232,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& h, const at::Tensor
       double* sums = row_sums.data() + k * groups * 2;
       std::fill(sums, sums + groups * 2, 0.0);
       for (int64_t c = 0; c < fb; ++c) {
-        acc_t* dst = gn.data() + ((b * fb + c) * H + i) * W;
+        acc_t* dst = gn.get() + ((b * fb + c) * H + i) * W;
         double s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t j = 0; j < W; ++j) {
@@ -272,7 +274,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& h, const at::Tensor
       std::fill(gv.begin(), gv.end(), acc_t(0));
       for (int64_t i = 0; i < H; ++i) {
         proj.row(b, c, i, r.data());
-        const acc_t* gni = gn.data() + ((b * fb + c) * H + i) * W;
+        const acc_t* gni = gn.get() + ((b * fb + c) * H + i) * W;
         acc_t* top = gy.data() + proj.ay.i0[i] * W;
         acc_t* bot = gy.data() + proj.ay.i1[i] * W;
         const acc_t wy0 = proj.ay.l0[i], wy1 = proj.ay.l1[i];

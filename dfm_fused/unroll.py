@@ -243,8 +243,8 @@ class _UnrollFunction(torch.autograd.Function):
         params = replay.params
         needs_x = x is not None and ctx.needs_input_grad[1]
         needs_params = [ctx.needs_input_grad[3 + i] for i in range(len(params))]
-        grad_x = None
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        grad_x = _Sum()
+        grad_params = [_Sum() for _ in params]
         grad_h = grad_outputs[-1]
         wanted = [p for p, need in zip(params, needs_params) if need]
         kept = replay.take_kept()
@@ -269,11 +269,11 @@ class _UnrollFunction(torch.autograd.Function):
             if replay.return_states and t > 0:
                 grad_h = grad_h + grad_outputs[t - 1]
             if needs_x:
-                grad_x = _accumulate(grad_x, grads.pop(0))
+                grad_x.add(grads.pop(0))
             for i, need in enumerate(needs_params):
                 if need:
-                    grad_params[i] = _accumulate(grad_params[i], grads.pop(0))
-        return (None, grad_x, grad_h, *grad_params)
+                    grad_params[i].add(grads.pop(0))
+        return (None, grad_x.total, grad_h, *(g.total for g in grad_params))
 
 
 def _step_grads(h_next, inputs, grad_h, check_leaves: bool) -> list:
@@ -294,10 +294,26 @@ def _copy_all(destinations, sources) -> None:
             destination.data.copy_(source)
 
 
-def _accumulate(total, grad):
-    if grad is None:
-        return total
-    return grad if total is None else total + grad
+class _Sum:
+    """A gradient summed over the steps. The first term is kept as autograd returned it (it may
+    be a tensor someone else holds, such as the incoming gradient); the second sum is a new
+    tensor, and later terms are added into it in place, so a T-step backward allocates one
+    parameter-sized buffer rather than one per step."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.owned = False
+
+    def add(self, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return
+        if self.total is None:
+            self.total = grad
+        elif self.owned:
+            self.total.add_(grad)
+        else:
+            self.total = self.total + grad
+            self.owned = True
 
 
 def _check_no_lost_leaves(output: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:

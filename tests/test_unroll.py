@@ -183,6 +183,26 @@ def test_second_backward_through_a_retained_graph_replays_the_last_step():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_summed_gradients_never_write_into_the_incoming_gradient():
+    class AddBias(torch.nn.Module):  # d h_next / d bias is the incoming gradient itself
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(3, C, 4, 3, dtype=torch.float64))
+
+        def forward(self, x, h, t):
+            return h + self.bias
+
+    step = AddBias()
+    h0 = torch.randn(3, C, 4, 3, dtype=torch.float64, requires_grad=True)
+    out = dfm_fused.unroll(step, None, h0, 4)
+    g = torch.randn_like(out)
+    g_before = g.clone()
+    out.backward(g)
+    assert torch.equal(g, g_before)
+    torch.testing.assert_close(step.bias.grad, 4 * g_before, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(h0.grad, g_before, rtol=0, atol=0)
+
+
 def test_lost_gradient_is_an_error_not_silence():
     step = _make()
     outside = torch.nn.Parameter(torch.ones(()))

@@ -100,7 +100,8 @@ def _check_against_reference(fn, ref, inputs, dtype, what):
 
 
 # (2, 520, 23, 25): two pixel tiles per image on the CPU, the second one partial.
-DECAY_SHAPES = [(1, 4, 1, 1), (3, 6, 7, 5), (2, 16, 4, 3), (2, 520, 23, 25)]
+# (1, 4, 1, 1) and (2, 528, 2, 3) have fewer pixels than channels: the kernels skip forming M there.
+DECAY_SHAPES = [(1, 4, 1, 1), (3, 6, 7, 5), (2, 16, 4, 3), (2, 528, 2, 3), (2, 520, 23, 25)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
@@ -132,7 +133,7 @@ def test_state_update(shape, dtype, layout, device):
     state_update = _ops()[2]
     y, Q, S, t, tau, alpha = _decay_case(shape, dtype, device, layout)
     h = _layout(torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype), layout).requires_grad_()
-    groups = {4: 2, 6: 3, 16: 4, 520: 8}[shape[1]]
+    groups = {4: 2, 6: 3, 16: 4, 528: 8, 520: 8}[shape[1]]
     y = (y * 3 + 0.5).detach().requires_grad_()  # GroupNorm must remove a non-zero mean and scale
     inputs = (h, y, Q, S, t, tau, alpha, groups, 1e-5)
     _check_against_reference(state_update, reference.state_update, inputs, dtype, "state_update")
@@ -213,6 +214,10 @@ def test_gradcheck_float64(device):
     h = torch.randn(2, 6, 3, 5, **kw)
     assert torch.autograd.gradcheck(lambda x, Q: exp_decay(x, Q, S, t, tau, alpha), (x, Q))
     assert torch.autograd.gradcheck(lambda h, y, Q: state_update(h, y, Q, S, t, tau, alpha, 3, 1e-5), (h, x, Q))
+    # Fewer pixels than channels: the kernels take the path that does not form M.
+    h1, y1, x1 = (torch.randn(1, 6, 1, 2, **kw) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda h, y, Q: state_update(h, y, Q, S, t, tau, alpha, 3, 1e-5), (h1, y1, Q))
+    assert torch.autograd.gradcheck(lambda x, Q: exp_decay(x, Q, S, t, tau, alpha), (x1, Q))
     xs = torch.randn(2, 3, 5, 4, **kw)
     hs = torch.randn(2, 7, 3, 2, **kw)
     assert torch.autograd.gradcheck(lambda x, h: feedback_input(x, h, 1, 4, 2, 1e-5), (xs, hs))

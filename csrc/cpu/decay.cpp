@@ -1,6 +1,8 @@
 // CPU kernels of exp_decay (out = M x) and state_update (out = h + M GroupNorm(y)),
 // M = Q^T diag(D) Q, forward and backward.
 //
+// With few pixels (fewer than channels) M is not formed; see thin_forward below.
+//
 // Each op is one parallel pass over pixel tiles: load (and normalise) a tile into an
 // L2-resident float buffer, apply M with ATen's blocked GEMM, and write the result with
 // the epilogue fused (cast, + h). Backward does M g, the GroupNorm partial sums and
@@ -220,6 +222,45 @@ Tiling tiling_of(const at::Tensor& x) {
   return Tiling(x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x));
 }
 
+// Few pixels (P = B*H*W): forming M costs 2 C^3 flops and applying it 2 P C^2, while applying Q,
+// diag(D) and Q^T in turn costs 4 P C^2; backward with M also forms A = sum x g^T. So, as in
+// dfm_fused/ops/common.py, M is skipped when P < C (forward) or 6 P < 4 C (backward). That is the
+// DFM state at ImageNet scale (7x7 pixels, 520+ channels, small batches). These shapes are small,
+// so the thin path is plain ATen GEMMs on (B, C, P) float copies.
+bool thin_forward(const Tiling& t) { return t.B * t.HW < t.C; }
+bool thin_backward(const Tiling& t) { return 6 * t.B * t.HW < 4 * t.C; }
+
+// x as a (B, C, H*W) tensor in the math dtype, NCHW order whatever x's layout.
+at::Tensor as_bcp(const at::Tensor& x, at::ScalarType acc) {
+  return x.to(acc).contiguous().view({x.size(0), x.size(1), -1});
+}
+
+// Q^T diag(D) Q a per pixel; a: (B, C, P).
+at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a) {
+  return at::matmul(Q.t(), at::matmul(Q, a).mul_(D.unsqueeze(1)));
+}
+
+// (M g, diag(D) Q (A + A^T)) with A = sum a g^T, without M or A:
+// grad_Q = sum over batch and pixels of (D Q a) g^T + (D Q g) a^T. Undefined where not needed.
+std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a,
+                                                      const at::Tensor& g, bool need_a, bool need_Q) {
+  const at::Tensor DQg = at::matmul(Q, g).mul_(D.unsqueeze(1));
+  at::Tensor grad_a, grad_Q;
+  if (need_a) grad_a = at::matmul(Q.t(), DQg);
+  if (need_Q) {
+    const at::Tensor DQa = at::matmul(Q, a).mul_(D.unsqueeze(1));
+    grad_Q = at::matmul(DQa, g.transpose(1, 2)).sum(0) + at::matmul(DQg, a.transpose(1, 2)).sum(0);
+  }
+  return {grad_a, grad_Q};
+}
+
+// GroupNorm(y) as (B, C, P) in the math dtype, from the saved statistics.
+at::Tensor thin_normalize(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups) {
+  const at::Tensor y3 = as_bcp(y, mean.scalar_type());
+  const int64_t B = y3.size(0);
+  return ((y3.view({B, groups, -1}) - mean.unsqueeze(2)) * rstd.unsqueeze(2)).view(y3.sizes());
+}
+
 }  // namespace
 
 at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D) {
@@ -227,9 +268,13 @@ at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor
   check_decay_args(x_, Q, D);
   const at::Tensor x = x_.contiguous(layout_of(x_));
   const Tiling t = tiling_of(x);
-  const at::Tensor M = decay_matrix(Q, D);
   at::Tensor out = empty_output(x.sizes(), x.options(), layout_of(x));
   if (x.numel() == 0) return out;
+  if (thin_forward(t)) {
+    out.copy_(thin_apply(Q, D, as_bcp(x, Q.scalar_type())).view(x.sizes()));
+    return out;
+  }
+  const at::Tensor M = decay_matrix(Q, D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_exp_decay", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_layout(t.cl, [&](auto cl) {
@@ -254,6 +299,12 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
   at::Tensor grad_x = need_x ? empty_output(x.sizes(), x.options(), fmt) : at::empty({0}, x.options());
   at::Tensor grad_Q = at::empty({0}, Q.options());
   if (!need_x && !need_Q) return {grad_x, grad_Q};
+  if (x.numel() > 0 && thin_backward(t)) {
+    auto [gx, gQ] = thin_backward_math(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()), need_x, need_Q);
+    if (need_x) grad_x.copy_(gx.view(x.sizes()));
+    if (need_Q) grad_Q = gQ;
+    return {grad_x, grad_Q};
+  }
   const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, t.num_tiles()));
   at::Tensor parts = need_Q ? at::zeros({chunks, t.C, t.C}, Q.options()) : at::Tensor();
   const at::Tensor M = need_x ? decay_matrix(Q, D) : at::Tensor();
@@ -283,11 +334,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
   at::Tensor out = empty_output(h.sizes(), h.options(), fmt);
   at::Tensor mean = empty_output({t.B, groups}, Q.options()), rstd = empty_output({t.B, groups}, Q.options());
   if (h.numel() == 0) return {out, mean, rstd};
-  const at::Tensor M = decay_matrix(Q, D);
+  const bool thin = thin_forward(t);
+  const at::Tensor M = thin ? at::Tensor() : decay_matrix(Q, D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dfm_fused_state_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     group_stats(t, y.const_data_ptr<scalar_t>(), groups, eps, mean.mutable_data_ptr<acc_t>(),
                 rstd.mutable_data_ptr<acc_t>());
+    if (thin) {
+      const at::Tensor update = thin_apply(Q, D, thin_normalize(y, mean, rstd, groups));
+      out.copy_((as_bcp(h, Q.scalar_type()) + update).view(h.sizes()));
+      return;
+    }
     dispatch_layout(t.cl, [&](auto cl) {
       apply_matrix<decltype(cl)::value>(t, M, y.const_data_ptr<scalar_t>(),
                                         mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), groups,
@@ -313,6 +370,18 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
   at::Tensor grad_Q = at::empty({0}, Q.options());
   if ((!need_y && !need_Q) || y.numel() == 0) {
     if (need_Q) grad_Q = at::zeros_like(Q);
+    return {grad_y, grad_Q};
+  }
+  if (thin_backward(t)) {
+    const at::Tensor n = thin_normalize(y, mean, rstd, groups);
+    auto [gn, gQ] = thin_backward_math(Q, D, n, as_bcp(grad, Q.scalar_type()), need_y, need_Q);
+    if (need_y) {
+      const at::Tensor y_acc = y.to(Q.scalar_type()).contiguous();
+      const auto gy = at::native_group_norm_backward(gn.view(y.sizes()), y_acc, mean, rstd, std::nullopt, t.B, t.C,
+                                                     t.HW, groups, {true, false, false});
+      grad_y.copy_(std::get<0>(gy));
+    }
+    if (need_Q) grad_Q = gQ;
     return {grad_y, grad_Q};
   }
   const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, t.num_tiles()));

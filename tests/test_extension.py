@@ -231,6 +231,11 @@ def _all_ops_once(device):
     results += _run(exp_decay, (y, Q, S, t, tau, alpha))[1]
     out, grads = _run(state_update, (h, y, Q, S, t, tau, alpha, 8, 1e-5))
     results += [out, *grads]
+    # Fewer pixels than channels (the path without M, through ATen's GEMMs).
+    y_thin, Q_thin, S_thin, *_ = _decay_case((2, 528, 2, 3), torch.float32, device, "contiguous")
+    h_thin = torch.randn(y_thin.shape, device=device, requires_grad=True)
+    out, grads = _run(state_update, (h_thin, y_thin, Q_thin, S_thin, t, tau, alpha, 8, 1e-5))
+    results += [out, *grads]
     x = torch.randn(3, 8, 56, 56, device=device, requires_grad=True)
     hf = torch.randn(3, 24, 7, 7, device=device, requires_grad=True)
     out, grads = _run(feedback_input, (x, hf, 8, 16, 8, 1e-5))

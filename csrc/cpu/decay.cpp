@@ -12,7 +12,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -254,9 +253,8 @@ std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const
   return {grad_a, grad_Q};
 }
 
-// GroupNorm(y) as (B, C, P) in the math dtype, from the saved statistics.
-at::Tensor thin_normalize(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups) {
-  const at::Tensor y3 = as_bcp(y, mean.scalar_type());
+// GroupNorm(y) from the saved statistics; y3 is y as (B, C, P) in the math dtype (as_bcp).
+at::Tensor thin_normalize(const at::Tensor& y3, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups) {
   const int64_t B = y3.size(0);
   return ((y3.view({B, groups, -1}) - mean.unsqueeze(2)) * rstd.unsqueeze(2)).view(y3.sizes());
 }
@@ -341,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
     group_stats(t, y.const_data_ptr<scalar_t>(), groups, eps, mean.mutable_data_ptr<acc_t>(),
                 rstd.mutable_data_ptr<acc_t>());
     if (thin) {
-      const at::Tensor update = thin_apply(Q, D, thin_normalize(y, mean, rstd, groups));
+      const at::Tensor update = thin_apply(Q, D, thin_normalize(as_bcp(y, Q.scalar_type()), mean, rstd, groups));
       out.copy_((as_bcp(h, Q.scalar_type()) + update).view(h.sizes()));
       return;
     }
@@ -373,12 +371,12 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
     return {grad_y, grad_Q};
   }
   if (thin_backward(t)) {
-    const at::Tensor n = thin_normalize(y, mean, rstd, groups);
-    auto [gn, gQ] = thin_backward_math(Q, D, n, as_bcp(grad, Q.scalar_type()), need_y, need_Q);
+    const at::Tensor y3 = as_bcp(y, Q.scalar_type());  // converted once, for GroupNorm and its backward
+    auto [gn, gQ] = thin_backward_math(Q, D, thin_normalize(y3, mean, rstd, groups), as_bcp(grad, Q.scalar_type()),
+                                       need_y, need_Q);
     if (need_y) {
-      const at::Tensor y_acc = y.to(Q.scalar_type()).contiguous();
-      const auto gy = at::native_group_norm_backward(gn.view(y.sizes()), y_acc, mean, rstd, std::nullopt, t.B, t.C,
-                                                     t.HW, groups, {true, false, false});
+      const auto gy = at::native_group_norm_backward(gn.view(y.sizes()), y3.view(y.sizes()), mean, rstd, std::nullopt,
+                                                     t.B, t.C, t.HW, groups, {true, false, false});
       grad_y.copy_(std::get<0>(gy));
     }
     if (need_Q) grad_Q = gQ;

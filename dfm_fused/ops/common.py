@@ -13,6 +13,7 @@ import functools
 import torch
 
 __all__ = [
+    "as_dtype",
     "autocast_off",
     "concat_grad_x",
     "compute_dtype",
@@ -37,11 +38,19 @@ def autocast_off(fn):
     return wrapper
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, converted only when it is not already.
+
+    For what an ``autograd.Function`` returns: under ``torch.compile`` (torch 2.11), an
+    output made by a same-dtype ``.to()`` of a view received a zero gradient.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def concat_grad_x(grad_out: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
     """Gradient of the ``x`` part of a channel concat: a view of ``grad_out[:, :channels]``
     (cast only when ``x`` had another dtype than the output)."""
-    grad_x = grad_out[:, :channels]
-    return grad_x if grad_x.dtype == dtype else grad_x.to(dtype)
+    return as_dtype(grad_out[:, :channels], dtype)
 
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,7 @@ def decay_grad_Q(Q: torch.Tensor, D: torch.Tensor, A: torch.Tensor) -> torch.Ten
     """
     dtype = A.dtype
     grad = D.to(dtype)[:, None] * (Q.to(dtype) @ (A + A.t()))
-    return grad.to(Q.dtype)
+    return as_dtype(grad, Q.dtype)
 
 
 def _pixels_last(x: torch.Tensor) -> bool:
@@ -156,5 +165,5 @@ def decay_backward(Q, D, x, g, dtype, need_x: bool, need_Q: bool):
         grad_x = apply_channel_matrix(Q_c.t(), D_c * Qg)
     if need_Q:
         Qx = apply_channel_matrix(Q_c, x)
-        grad_Q = (channel_outer(D_c * Qx, g) + channel_outer(D_c * Qg, x)).to(Q.dtype)
+        grad_Q = as_dtype(channel_outer(D_c * Qx, g) + channel_outer(D_c * Qg, x), Q.dtype)
     return grad_x, grad_Q

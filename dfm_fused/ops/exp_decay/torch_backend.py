@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
+from dfm_fused.ops.common import as_dtype, autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
 
 
 class ExpDecayFunction(torch.autograd.Function):
@@ -17,7 +17,7 @@ class ExpDecayFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, Q, D):
         ctx.save_for_backward(x, Q, D)
-        return decay_forward(Q, D, x, compute_dtype(x, Q)).to(x.dtype)
+        return as_dtype(decay_forward(Q, D, x, compute_dtype(x, Q)), x.dtype)
 
     @staticmethod
     @autocast_off
@@ -26,7 +26,7 @@ class ExpDecayFunction(torch.autograd.Function):
         grad_x, grad_Q = decay_backward(
             Q, D, x, grad_out, compute_dtype(x, Q), ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
-        return None if grad_x is None else grad_x.to(x.dtype), grad_Q, None
+        return None if grad_x is None else as_dtype(grad_x, x.dtype), grad_Q, None
 
 
 def exp_decay(x, Q, S, t, tau, alpha):

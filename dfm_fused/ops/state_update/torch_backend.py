@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
+from dfm_fused.ops.common import as_dtype, autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
 
 
 def group_norm_stats(y: torch.Tensor, groups: int, eps: float):
     """``(normalised y, mean, rstd)``; mean and rstd are ``(B, groups)`` in y's dtype."""
     B, C, H, W = y.shape
+    # Before torch 2.12 the CPU kernel rejects inputs dense in neither NCHW nor NHWC.
+    if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
+        y = y.contiguous()
     return torch.ops.aten.native_group_norm(y, None, None, B, C, H * W, groups, eps)
 
 
@@ -39,7 +42,7 @@ class StateUpdateFunction(torch.autograd.Function):
         dtype = compute_dtype(h, y, Q)
         y_c = y.to(dtype)
         n, mean, rstd = group_norm_stats(y_c, groups, eps)
-        out = decay_forward(Q, D, n, dtype).add_(h).to(h.dtype)
+        out = as_dtype(decay_forward(Q, D, n, dtype) + h, h.dtype)
         ctx.groups = groups
         ctx.save_for_backward(y, Q, D, mean, rstd)
         return out
@@ -59,7 +62,7 @@ class StateUpdateFunction(torch.autograd.Function):
             Q, D, n, grad_out, mean.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         )
         if grad_n is not None:
-            grad_y = group_norm_backward(grad_n.contiguous(), y_c.contiguous(), mean, rstd, groups).to(y.dtype)
+            grad_y = as_dtype(group_norm_backward(grad_n.contiguous(), y_c.contiguous(), mean, rstd, groups), y.dtype)
         return grad_h, grad_y, grad_Q, None, None, None
 
 

@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# GPU verification in one go: build what needs building, run the CUDA tests, run the op
-# benchmarks and write their JSON to OUT_DIR. Runs from the source tree (PYTHONPATH, no pip
-# installs, no network) and must finish in under 8 minutes on an H100/H200.
+# GPU verification in one go: build the extension, run the CUDA tests, run the benchmarks and
+# write logs and JSON to OUT_DIR. Runs from the source tree (PYTHONPATH, no pip installs, no
+# network), for a lent H100/H200 whose minutes are few.
 #
 # Usage: bash scripts/gpu_check.sh OUT_DIR
 #
-# Each section runs under its own time limit, logs to OUT_DIR/<section>.log, and a failing
-# section does not stop the later ones; the exit status is non-zero if any section failed.
-# OUT_DIR/summary.txt lists each section's status and duration.
+# Environment:
+#   GPU_CHECK_BUDGET    seconds for the whole script (default 340); each section's limit is cut to
+#                       what is left, and a section left with under 15 s is skipped and counted as
+#                       a failure, so a truncated check never passes.
+#   GPU_CHECK_SECTIONS  space-separated sections to run (default: all, in the order below):
+#                       environment build triton_tests triton_tests_large cuda_tests bench_cli
+#                       bench_resnet_dfm bench_extension bench_triton_ops
+#                       `build` is skipped by leaving it out, e.g. to reuse an extension built by
+#                       an earlier run against the same torch (carried as dfm_fused/_C*.so).
+#   GPU_CHECK_COMPILE   1: the CLI benchmark also times torch.compile of the reference (slow: one
+#                       compile per case).
+#   GPU_CHECK_PYTEST    extra pytest arguments for the test sections (e.g. -k to rerun failures).
+#
+# The extension build runs in the background while the Triton tests (which do not need it) run.
+# Each section logs to OUT_DIR/<section>.log; OUT_DIR/summary.txt lists each section's status and
+# duration; the exit status is non-zero if any section failed.
 set -uo pipefail
 
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
@@ -15,21 +28,24 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 FAILED=0
 : > "$OUT/summary.txt"
+SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_tests_large cuda_tests bench_cli bench_resnet_dfm bench_extension bench_triton_ops} "
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-340} ))
+read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST:-}"
+# pytest-xdist spreads the tests (mostly Triton compiles, CPU-bound) over the machine's cores.
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${GPU_CHECK_WORKERS:-8}"); fi
 
-# The whole script stays under BUDGET seconds (default 460, under 8 minutes): each section's
-# limit is cut to what is left, and a section that would get under 15 s is skipped (and
-# counted as a failure, so a truncated check never passes).
-BUDGET=${GPU_CHECK_BUDGET:-460}
-DEADLINE=$(( $(date +%s) + BUDGET ))
+wanted() { [[ $SECTIONS == *" $1 "* ]]; }
 
 # run_section NAME SECONDS CMD...: run CMD with a time limit, log it, record the outcome.
 run_section() {
     local name=$1 limit=$2 start rc left
     shift 2
+    wanted "$name" || return 0
     left=$(( DEADLINE - $(date +%s) ))
     if [ "$left" -lt 15 ]; then
         FAILED=1
@@ -63,46 +79,58 @@ import dfm_fused
 print("backends on cuda:", dfm_fused.backend_status("cuda"))
 PYEOF
 
-# ---------------------------------------------------------------- cuda: C++/CUDA extension (issue 4)
-# Built first, in place against this machine's torch (sm_90 only), so that the tests and the
-# benchmark suite below cover the cuda backend too.
-run_section cuda_build 180 env DFM_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-    MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
-run_section cuda_build_info 15 "$PY" -c \
-    "import json, dfm_fused._extension as e; i = e.build_info(); print(json.dumps(i)); assert i['cuda'], i"
+# ---------------------------------------------------------------- build (background)
+# The C++/CUDA extension, in place against this machine's torch (sm_90 only). It runs while the
+# Triton tests run; the sections after those wait for it.
+BUILD_PID=
+if wanted build; then
+    echo "=== build (background) ==="
+    BUILD_START=$(date +%s)
+    timeout --kill-after=15 $(( DEADLINE - BUILD_START )) env DFM_FUSED_BUILD_CUDA=1 \
+        TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-10}" \
+        "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 &
+    BUILD_PID=$!
+fi
 
 # ---------------------------------------------------------------- triton backend
-# The Triton kernels are compiled just in time (first call, then cached under ~/.triton):
-# nothing to build. The interpreter suite is CPU CI's job and is deselected here.
-# Pass 1: every case with one config per kernel (DFM_FUSED_AUTOTUNE=0: one compile each, no
-# autotuning); pass 2: the large shapes with full autotuning, as the benchmarks run them.
-run_section triton_tests 110 env DFM_FUSED_AUTOTUNE=0 "$PY" -m pytest tests/test_triton.py -q -rfEs \
-    -p no:cacheprovider -k "not interpreter_suite and not large" --junitxml="$OUT/triton_tests.xml"
-run_section triton_tests_large 80 "$PY" -m pytest tests/test_triton.py -q -rfEs -p no:cacheprovider \
-    -k "large" --junitxml="$OUT/triton_tests_large.xml"
+# Compiled just in time (first call, cached under ~/.triton). Pass 1: every case with one config
+# per kernel (DFM_FUSED_AUTOTUNE=0: one compile each); pass 2: the large shapes with full
+# autotuning, as the benchmarks run them. The interpreter suite is CPU CI's job.
+run_section triton_tests 150 env DFM_FUSED_AUTOTUNE=0 DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_triton.py \
+    -q -rfEs -p no:cacheprovider "${XDIST[@]}" -k "not interpreter_suite and not large" \
+    --junitxml="$OUT/triton_tests.xml" "${PYTEST_EXTRA[@]}"
+run_section triton_tests_large 80 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_triton.py -q -rfEs \
+    -p no:cacheprovider "${XDIST[@]}" -k "large" --junitxml="$OUT/triton_tests_large.xml" "${PYTEST_EXTRA[@]}"
 
-# The extension's tests (cpp and cuda backends, gradcheck, torch.compile).
-run_section cuda_tests 90 "$PY" -m pytest tests/test_extension.py -q -rfEs -p no:cacheprovider \
-    --junitxml="$OUT/cuda_tests.xml"
+if [ -n "$BUILD_PID" ]; then
+    wait "$BUILD_PID"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then FAILED=1; tail -40 "$OUT/build.log"; fi
+    echo "build: rc=$rc ($(( $(date +%s) - BUILD_START ))s)" | tee -a "$OUT/summary.txt"
+fi
+"$PY" -c "import json, dfm_fused._extension as e; print(json.dumps(e.build_info()))" 2>&1 | tee "$OUT/build_info.log"
 
-# One run per op so that a time-out loses one JSON file, not both.
-for op in state_update feedback_input; do
-    run_section "bench_triton_$op" 50 "$PY" -m pytest benchmarks/bench_triton_ops.py -q -p no:cacheprovider \
-        -k "$op" --benchmark-json="$OUT/bench_triton_$op.json" --benchmark-columns=min,median,max
-done
+# ---------------------------------------------------------------- cuda backend and the rest of the extension
+run_section cuda_tests 90 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_extension.py tests/test_dispatch.py -q \
+    -rfEs -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/cuda_tests.xml" "${PYTEST_EXTRA[@]}"
 
-run_section cuda_bench 40 "$PY" benchmarks/bench_extension.py --device cuda --repeat 20 \
-    --out "$OUT/bench_extension_cuda.json"
-
-
-# ---------------------------------------------------------------- benchmark suite (issue 5)
-# Every op and backend against the reference (forward, forward + backward; ResNet18 and
-# segmentation shapes) and the ResNet18 DFM training step at T = 1, 4, 8 (reference, fused with
-# and without memory saving); float32 only and no torch.compile here (bench_triton_ops covers
-# the compiled reference) to fit the time budget. Last, so a time-out loses only this JSON.
-run_section bench_suite 150 "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
-    --dfm-no-compile --dfm-dtypes float32 --benchmark-json="$OUT/bench_suite.json" \
-    --benchmark-columns=min,median,max
+# ---------------------------------------------------------------- benchmarks
+# The main job's CLI: every op and backend against the reference (forward, forward + backward,
+# ResNet18 and segmentation shapes, float32 and bfloat16, floor fractions) and the ResNet18 DFM
+# training step (B=64, 224x224) at T = 1, 4, 5, 8 with memory saving on and off.
+CLI_IMPLS=(--impls reference,torch,triton,cuda)
+if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then CLI_IMPLS=(); fi
+run_section bench_cli 120 "$PY" -m dfm_fused.bench --device cuda --budget 0.25 --T 1,4,5,8 --no-rss \
+    "${CLI_IMPLS[@]}" --json "$OUT/bench_cli.json" --png "$OUT/bench_cli.png"
+# Issue 7's target: the ResNet18-DFM training step at T=5 against T=1 and the reference.
+run_section bench_resnet_dfm 60 "$PY" benchmarks/bench_resnet_dfm.py --device cuda --batch 32 --size 224 \
+    --T 1 5 --repeats 5 --out "$OUT/bench_resnet_dfm.json"
+# Issue 4's shapes (state_update B=8 C=520 16x16; feedback_input B=8 56x56): cuda vs torch vs reference.
+run_section bench_extension 40 "$PY" benchmarks/bench_extension.py --device cuda --repeat 20 \
+    --out "$OUT/bench_extension.json"
+# pytest-benchmark: Triton against the reference and torch.compile of it, large shapes.
+run_section bench_triton_ops 90 "$PY" -m pytest benchmarks/bench_triton_ops.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_triton_ops.json" --benchmark-columns=min,median,max
 
 echo
 cat "$OUT/summary.txt"

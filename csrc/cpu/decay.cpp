@@ -23,8 +23,27 @@ namespace {
 // Chunks of tiles that own one partial C x C sum each (bounded memory, fixed split).
 constexpr int64_t kChunks = 8;
 
+// a @ b, cut into fixed blocks of rows of a, one single-threaded GEMM each (BLAS calls inside
+// at::parallel_for do not spawn threads). A multithreaded BLAS call may split the work
+// differently for another thread count (seen with 1 vs 2 threads on an Intel host), so this
+// keeps the result bitwise independent of the thread count; the blocks still run in parallel.
+// The operands are detached: worker threads do not inherit the caller's autograd exclusion.
+at::Tensor mm_by_row_blocks(const at::Tensor& a_, const at::Tensor& b_) {
+  constexpr int64_t kRows = 32;
+  const at::Tensor a = a_.detach(), b = b_.detach();
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, b.options());
+  at::parallel_for(0, (a.size(0) + kRows - 1) / kRows, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t rows = std::min(kRows, a.size(0) - i * kRows);
+      at::Tensor block = out.narrow(0, i * kRows, rows);
+      at::mm_out(block, a.narrow(0, i * kRows, rows), b);
+    }
+  });
+  return out;
+}
+
 at::Tensor decay_matrix(const at::Tensor& Q, const at::Tensor& D) {
-  return at::mm(Q.t() * D.unsqueeze(0), Q).contiguous();
+  return mm_by_row_blocks(Q.t() * D.unsqueeze(0), Q);
 }
 
 template <typename acc_t>
@@ -45,7 +64,7 @@ at::Tensor grad_Q_from_parts(const at::Tensor& parts, const at::Tensor& Q, const
   AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "dfm_fused_sum_parts", [&] {
     sum_parts(parts.const_data_ptr<scalar_t>(), parts.size(0), A.numel(), A.mutable_data_ptr<scalar_t>());
   });
-  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
+  return mm_by_row_blocks(Q, A + A.t()).mul_(D.unsqueeze(1));
 }
 
 // GroupNorm statistics (biased variance) of y, one pass with double accumulators.
@@ -225,7 +244,7 @@ Tiling tiling_of(const at::Tensor& x) {
 // diag(D) and Q^T in turn costs 4 P C^2; backward with M also forms A = sum x g^T. So, as in
 // dfm_fused/ops/common.py, M is skipped when P < C (forward) or 6 P < 4 C (backward). That is the
 // DFM state at ImageNet scale (7x7 pixels, 520+ channels, small batches). These shapes are small,
-// so the thin path is plain ATen GEMMs on (B, C, P) float copies.
+// so the thin path is plain GEMMs on float copies.
 bool thin_forward(const Tiling& t) { return t.B * t.HW < t.C; }
 bool thin_backward(const Tiling& t) { return 6 * t.B * t.HW < 4 * t.C; }
 
@@ -234,21 +253,32 @@ at::Tensor as_bcp(const at::Tensor& x, at::ScalarType acc) {
   return x.to(acc).contiguous().view({x.size(0), x.size(1), -1});
 }
 
-// Q^T diag(D) Q a per pixel; a: (B, C, P).
+// (B, C, P) <-> (C, B*P): the pixels of every image as the columns of one matrix, so that each
+// product below is one GEMM.
+at::Tensor to_columns(const at::Tensor& a) { return a.transpose(0, 1).reshape({a.size(1), -1}); }
+at::Tensor from_columns(const at::Tensor& a, int64_t B) {
+  return a.view({a.size(0), B, -1}).transpose(0, 1).contiguous();
+}
+
+// Q^T diag(D) Q a per pixel; a: (B, C, P), as is the result.
 at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a) {
-  return at::matmul(Q.t(), at::matmul(Q, a).mul_(D.unsqueeze(1)));
+  const at::Tensor DQa = mm_by_row_blocks(Q, to_columns(a)).mul_(D.unsqueeze(1));
+  return from_columns(mm_by_row_blocks(Q.t(), DQa), a.size(0));
 }
 
 // (M g, diag(D) Q (A + A^T)) with A = sum a g^T, without M or A:
-// grad_Q = sum over batch and pixels of (D Q a) g^T + (D Q g) a^T. Undefined where not needed.
-std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a,
-                                                      const at::Tensor& g, bool need_a, bool need_Q) {
-  const at::Tensor DQg = at::matmul(Q, g).mul_(D.unsqueeze(1));
+// grad_Q = sum over pixels of (D Q a) g^T + (D Q g) a^T, one GEMM over both terms.
+// a, g: (B, C, P), as is grad_a. Undefined where not needed.
+std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a3,
+                                                      const at::Tensor& g3, bool need_a, bool need_Q) {
+  const at::Tensor g = to_columns(g3);
+  const at::Tensor DQg = mm_by_row_blocks(Q, g).mul_(D.unsqueeze(1));
   at::Tensor grad_a, grad_Q;
-  if (need_a) grad_a = at::matmul(Q.t(), DQg);
+  if (need_a) grad_a = from_columns(mm_by_row_blocks(Q.t(), DQg), g3.size(0));
   if (need_Q) {
-    const at::Tensor DQa = at::matmul(Q, a).mul_(D.unsqueeze(1));
-    grad_Q = at::matmul(DQa, g.transpose(1, 2)).sum(0) + at::matmul(DQg, a.transpose(1, 2)).sum(0);
+    const at::Tensor a = to_columns(a3);
+    const at::Tensor DQa = mm_by_row_blocks(Q, a).mul_(D.unsqueeze(1));
+    grad_Q = mm_by_row_blocks(at::cat({DQa, DQg}, 1), at::cat({g, a}, 1).t());
   }
   return {grad_a, grad_Q};
 }

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"budget_s": args.budget if args.budget is not None else (0.1 if args.quick else 1.0),
               "min_repeats": 2 if args.quick else 3}
     records = runner.run_cases(cases, peaks=peaks, rss=not args.no_rss, **timing)
+    interrupted = len(records) < len(cases)
+    if interrupted:
+        meta["notes"].append(f"interrupted after {len(records)} of {len(cases)} cases")
     report.add_ratios(records)
     print()
     print(report.format_table(records))
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         png = args.png or re.sub(r"\.json$", "", stem) + ".png"
         if report.write_chart(png, records, f"{meta['device']}, torch {meta['torch']}, {meta['date']}"):
             print(f"wrote {png}")
+    if interrupted:
+        return 130
     return 1 if any("error" in r for r in records) else 0
 
 

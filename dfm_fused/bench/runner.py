@@ -90,7 +90,11 @@ def measure_case(case, peaks: dict | None = None, **timing) -> dict:
 
 
 def run_cases(cases, *, peaks=None, rss=True, progress=print, **timing) -> list[dict]:
-    """Measure every case (a failing case is recorded with its error); CPU peak RSS in a subprocess."""
+    """Measure every case (a failing case is recorded with its error); CPU peak RSS in a subprocess.
+
+    Ctrl-C (or ``timeout --signal=INT``) stops at the case in progress and returns the cases
+    measured so far, so an interrupted run still reports them.
+    """
     records = []
     width = len(str(len(cases)))
     for i, case in enumerate(cases, 1):
@@ -98,10 +102,14 @@ def run_cases(cases, *, peaks=None, rss=True, progress=print, **timing) -> list[
         try:
             record = measure_case(case, peaks, **timing)
             progress(f"{record['time_s']['median'] * 1e3:.2f} ms", flush=True)
+        except KeyboardInterrupt:
+            progress(f"interrupted: reporting the {len(records)} cases measured", flush=True)
+            break
         except Exception as exc:  # recorded and shown; the run goes on with the other cases
             record = {**case_info(case), "error": f"{type(exc).__name__}: {exc}"}
             progress(f"ERROR {record['error']}", flush=True)
         records.append(record)
+    cases = cases[:len(records)]
     cpu = [(c, r) for c, r in zip(cases, records) if c.device == "cpu" and "error" not in r]
     if rss and cpu:
         progress(f"peak RSS of {len(cpu)} cases in a subprocess ...", flush=True)

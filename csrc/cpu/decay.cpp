@@ -23,27 +23,8 @@ namespace {
 // Chunks of tiles that own one partial C x C sum each (bounded memory, fixed split).
 constexpr int64_t kChunks = 8;
 
-// a @ b, cut into fixed blocks of rows of a, one single-threaded GEMM each (BLAS calls inside
-// at::parallel_for do not spawn threads). A multithreaded BLAS call may split the work
-// differently for another thread count (seen with 1 vs 2 threads on an Intel host), so this
-// keeps the result bitwise independent of the thread count; the blocks still run in parallel.
-// The operands are detached: worker threads do not inherit the caller's autograd exclusion.
-at::Tensor mm_by_row_blocks(const at::Tensor& a_, const at::Tensor& b_) {
-  constexpr int64_t kRows = 32;
-  const at::Tensor a = a_.detach(), b = b_.detach();
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, b.options());
-  at::parallel_for(0, (a.size(0) + kRows - 1) / kRows, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t rows = std::min(kRows, a.size(0) - i * kRows);
-      at::Tensor block = out.narrow(0, i * kRows, rows);
-      at::mm_out(block, a.narrow(0, i * kRows, rows), b);
-    }
-  });
-  return out;
-}
-
 at::Tensor decay_matrix(const at::Tensor& Q, const at::Tensor& D) {
-  return mm_by_row_blocks(Q.t() * D.unsqueeze(0), Q);
+  return at::mm(Q.t() * D.unsqueeze(0), Q).contiguous();
 }
 
 template <typename acc_t>
@@ -58,13 +39,19 @@ void sum_parts(const acc_t* parts, int64_t chunks, int64_t CC, acc_t* dst) {
   });
 }
 
-// grad_Q = diag(D) Q (A + A^T) from per-chunk partials of A, summed in chunk order.
-at::Tensor grad_Q_from_parts(const at::Tensor& parts, const at::Tensor& Q, const at::Tensor& D) {
+// The sum of per-chunk (chunks, C, C) partials, in chunk order.
+at::Tensor sum_chunks(const at::Tensor& parts) {
   at::Tensor A = at::empty({parts.size(1), parts.size(2)}, parts.options());
   AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "dfm_fused_sum_parts", [&] {
     sum_parts(parts.const_data_ptr<scalar_t>(), parts.size(0), A.numel(), A.mutable_data_ptr<scalar_t>());
   });
-  return mm_by_row_blocks(Q, A + A.t()).mul_(D.unsqueeze(1));
+  return A;
+}
+
+// grad_Q = diag(D) Q (A + A^T) from per-chunk partials of A.
+at::Tensor grad_Q_from_parts(const at::Tensor& parts, const at::Tensor& Q, const at::Tensor& D) {
+  const at::Tensor A = sum_chunks(parts);
+  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
 }
 
 // GroupNorm statistics (biased variance) of y, one pass with double accumulators.
@@ -253,34 +240,74 @@ at::Tensor as_bcp(const at::Tensor& x, at::ScalarType acc) {
   return x.to(acc).contiguous().view({x.size(0), x.size(1), -1});
 }
 
-// (B, C, P) <-> (C, B*P): the pixels of every image as the columns of one matrix, so that each
-// product below is one GEMM.
-at::Tensor to_columns(const at::Tensor& a) { return a.transpose(0, 1).reshape({a.size(1), -1}); }
-at::Tensor from_columns(const at::Tensor& a, int64_t B) {
-  return a.view({a.size(0), B, -1}).transpose(0, 1).contiguous();
+// The thin path works on groups of whole images, fixed by the shape alone: each group's pixels
+// form one (C, n) matrix with n >= 64 columns where the batch allows, wide enough for the
+// GEMM. As in the tiled path, every GEMM is one ATen call on one thread's group inside
+// at::parallel_for and the grad_Q partials are summed in chunk order, so the result does not
+// depend on the thread count. (A multithreaded BLAS call may split its work by the thread
+// count: a batched at::matmul here did, on an Intel host with MKL.)
+struct ImageGroups {
+  int64_t B, size, count;
+  ImageGroups(int64_t B_, int64_t HW) : B(B_) {
+    size = std::max<int64_t>(1, std::min<int64_t>(B, (64 + HW - 1) / HW));
+    count = (B + size - 1) / size;
+  }
+  int64_t begin(int64_t i) const { return i * size; }
+  int64_t images(int64_t i) const { return std::min(size, B - i * size); }
+};
+
+// Images [b, b + n) of a (B, C, P) tensor as a (C, n * P) matrix (a copy).
+at::Tensor group_columns(const at::Tensor& a, int64_t b, int64_t n) {
+  return a.narrow(0, b, n).transpose(0, 1).reshape({a.size(1), -1});
 }
 
-// Q^T diag(D) Q a per pixel; a: (B, C, P), as is the result.
-at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a) {
-  const at::Tensor DQa = mm_by_row_blocks(Q, to_columns(a)).mul_(D.unsqueeze(1));
-  return from_columns(mm_by_row_blocks(Q.t(), DQa), a.size(0));
+// Writes a (C, n * P) matrix back into images [b, b + n) of a (B, C, P) tensor.
+void store_columns(at::Tensor& a, int64_t b, int64_t n, const at::Tensor& cols) {
+  a.narrow(0, b, n).copy_(cols.view({a.size(1), n, -1}).transpose(0, 1));
+}
+
+// Q^T diag(D) Q a per pixel; a: (B, C, P) in the math dtype, as is the result.
+at::Tensor thin_apply(const at::Tensor& Q_, const at::Tensor& D_, const at::Tensor& a) {
+  // Detached: worker threads do not inherit the caller's autograd exclusion.
+  const at::Tensor Q = Q_.detach().contiguous(), Qt = Q_.detach().t().contiguous(), D = D_.detach().unsqueeze(1);
+  const ImageGroups groups(a.size(0), a.size(2));
+  at::Tensor out = at::empty_like(a);
+  at::parallel_for(0, groups.count, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const at::Tensor DQa = at::mm(Q, group_columns(a, groups.begin(i), groups.images(i))).mul_(D);
+      store_columns(out, groups.begin(i), groups.images(i), at::mm(Qt, DQa));
+    }
+  });
+  return out;
 }
 
 // (M g, diag(D) Q (A + A^T)) with A = sum a g^T, without M or A:
-// grad_Q = sum over pixels of (D Q a) g^T + (D Q g) a^T, one GEMM over both terms.
-// a, g: (B, C, P), as is grad_a. Undefined where not needed.
-std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a3,
-                                                      const at::Tensor& g3, bool need_a, bool need_Q) {
-  const at::Tensor g = to_columns(g3);
-  const at::Tensor DQg = mm_by_row_blocks(Q, g).mul_(D.unsqueeze(1));
-  at::Tensor grad_a, grad_Q;
-  if (need_a) grad_a = from_columns(mm_by_row_blocks(Q.t(), DQg), g3.size(0));
-  if (need_Q) {
-    const at::Tensor a = to_columns(a3);
-    const at::Tensor DQa = mm_by_row_blocks(Q, a).mul_(D.unsqueeze(1));
-    grad_Q = mm_by_row_blocks(at::cat({DQa, DQg}, 1), at::cat({g, a}, 1).t());
-  }
-  return {grad_a, grad_Q};
+// grad_Q = sum over pixels of (D Q a) g^T + (D Q g) a^T.
+// a, g: (B, C, P) in the math dtype, as is grad_a. Undefined where not needed.
+std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q_, const at::Tensor& D_, const at::Tensor& a,
+                                                      const at::Tensor& g, bool need_a, bool need_Q) {
+  const at::Tensor Q = Q_.detach().contiguous(), Qt = Q_.detach().t().contiguous(), D = D_.detach().unsqueeze(1);
+  const ImageGroups groups(g.size(0), g.size(2));
+  const int64_t chunks = std::min(kChunks, groups.count);
+  at::Tensor grad_a = need_a ? at::empty_like(g) : at::Tensor();
+  at::Tensor parts = need_Q ? at::zeros({chunks, Q.size(0), Q.size(0)}, g.options()) : at::Tensor();
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t begin, end;
+      chunk_range(groups.count, chunks, k, begin, end);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = groups.begin(i), n = groups.images(i);
+        const at::Tensor gi = group_columns(g, b, n);
+        const at::Tensor DQg = at::mm(Q, gi).mul_(D);
+        if (need_a) store_columns(grad_a, b, n, at::mm(Qt, DQg));
+        if (need_Q) {
+          const at::Tensor ai = group_columns(a, b, n);
+          parts[k].addmm_(at::mm(Q, ai).mul_(D), gi.t()).addmm_(DQg, ai.t());
+        }
+      }
+    }
+  });
+  return {grad_a, need_Q ? sum_chunks(parts) : at::Tensor()};
 }
 
 // GroupNorm(y) from the saved statistics; y3 is y as (B, C, P) in the math dtype (as_bcp).

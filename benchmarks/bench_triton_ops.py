@@ -73,11 +73,20 @@ def _tf32() -> bool:
     return torch.backends.cuda.matmul.allow_tf32
 
 
-def _impl(impl: str, op: str):
+def _impl(impl: str, op: str, dtype: torch.dtype):
     if impl == "triton":
         return functools.partial(getattr(functional, op), backend="triton")
     ref = getattr(reference, op)
-    return torch.compile(ref, dynamic=False) if impl == "compiled" else ref
+    ref = torch.compile(ref, dynamic=False) if impl == "compiled" else ref
+    if dtype == torch.float32:
+        return ref
+
+    # In half precision the reference mixes the state's dtype with float32 Q: it runs under
+    # autocast, as a model of it would.
+    def autocast_ref(*args):
+        with torch.autocast("cuda", dtype=dtype):
+            return ref(*args)
+    return autocast_ref
 
 
 def _state_case(name, dtype):
@@ -131,7 +140,7 @@ def _step(fn, inputs, args):
 def test_fwd_bwd(benchmark, op, name, dtype, impl):
     torch.manual_seed(0)
     inputs, args, cost, shape = CASES[op](name, dtype)
-    step = _step(_impl(impl, op), inputs, args)
+    step = _step(_impl(impl, op, dtype), inputs, args)
     seconds = cuda_time(step)
 
     def timed():
@@ -159,6 +168,6 @@ def test_fwd_bwd(benchmark, op, name, dtype, impl):
     }
     if impl == "triton":
         for other in ("reference", "compiled"):
-            other_step = _step(_impl(other, op), inputs, args)
+            other_step = _step(_impl(other, op, dtype), inputs, args)
             info[f"speedup_vs_{other}"] = cuda_time(other_step) / seconds
     benchmark.extra_info.update(info)

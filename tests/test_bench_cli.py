@@ -65,6 +65,29 @@ def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+def test_interrupted_run_writes_the_cases_it_measured(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or ``timeout --signal=INT``) during a case: the cases before it are reported."""
+    from dfm_fused.bench import runner
+
+    measure_case, calls = runner.measure_case, []
+
+    def interrupt_on_third(case, *args, **kwargs):
+        calls.append(case.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return measure_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure_case", interrupt_on_third)
+    out = tmp_path / "bench.json"
+    rc = main(["--device", "cpu", "--quick", "--ops", "state_update", "--modes", "fwd", "--shapes", "resnet18",
+               "--T", "1", "--model", "small", "--budget", "0", "--threads", "1", "--json", str(out),
+               "--png", str(tmp_path / "bench.png")])
+    assert rc == 130, capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["id"] for r in data["cases"]] == calls[:2]
+    assert any(note.startswith("interrupted after 2 of ") for note in data["meta"]["notes"])
+
+
 def test_memory_saving_keeps_less_graph_than_full_graph(tmp_path):
     out = tmp_path / "bench.json"
     rc = main(["--device", "cpu", "--quick", "--no-ops", "--T", "4", "--model", "small", "--budget", "0", "--threads", "1",

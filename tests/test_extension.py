@@ -100,8 +100,9 @@ def _check_against_reference(fn, ref, inputs, dtype, what):
 
 
 # (2, 520, 23, 25): two pixel tiles per image on the CPU, the second one partial.
-# (1, 4, 1, 1) and (2, 528, 2, 3) have fewer pixels than channels: the kernels skip forming M there.
-DECAY_SHAPES = [(1, 4, 1, 1), (3, 6, 7, 5), (2, 16, 4, 3), (2, 528, 2, 3), (2, 520, 23, 25)]
+# (1, 4, 1, 1), (2, 528, 2, 3) and (21, 528, 2, 2) have fewer pixels than channels: the kernels
+# skip forming M there; the last one splits into uneven groups of images (16 + 5 on the CPU).
+DECAY_SHAPES = [(1, 4, 1, 1), (3, 6, 7, 5), (2, 16, 4, 3), (2, 528, 2, 3), (21, 528, 2, 2), (2, 520, 23, 25)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
@@ -231,8 +232,8 @@ def _all_ops_once(device):
     results += _run(exp_decay, (y, Q, S, t, tau, alpha))[1]
     out, grads = _run(state_update, (h, y, Q, S, t, tau, alpha, 8, 1e-5))
     results += [out, *grads]
-    # Fewer pixels than channels (the path without M, through ATen's GEMMs).
-    y_thin, Q_thin, S_thin, *_ = _decay_case((2, 528, 2, 3), torch.float32, device, "contiguous")
+    # Fewer pixels than channels (the path without M): two groups of images on the CPU.
+    y_thin, Q_thin, S_thin, *_ = _decay_case((21, 528, 2, 2), torch.float32, device, "contiguous")
     h_thin = torch.randn(y_thin.shape, device=device, requires_grad=True)
     out, grads = _run(state_update, (h_thin, y_thin, Q_thin, S_thin, t, tau, alpha, 8, 1e-5))
     results += [out, *grads]

@@ -269,7 +269,7 @@ void store_columns(at::Tensor& a, int64_t b, int64_t n, const at::Tensor& cols) 
 // Q^T diag(D) Q a per pixel; a: (B, C, P) in the math dtype, as is the result.
 at::Tensor thin_apply(const at::Tensor& Q_, const at::Tensor& D_, const at::Tensor& a) {
   // Detached: worker threads do not inherit the caller's autograd exclusion.
-  const at::Tensor Q = Q_.detach().contiguous(), Qt = Q_.detach().t().contiguous(), D = D_.detach().unsqueeze(1);
+  const at::Tensor Q = Q_.detach(), Qt = Q.t(), D = D_.detach().unsqueeze(1);
   const ImageGroups groups(a.size(0), a.size(2));
   at::Tensor out = at::empty_like(a);
   at::parallel_for(0, groups.count, 1, [&](int64_t i0, int64_t i1) {
@@ -286,7 +286,7 @@ at::Tensor thin_apply(const at::Tensor& Q_, const at::Tensor& D_, const at::Tens
 // a, g: (B, C, P) in the math dtype, as is grad_a. Undefined where not needed.
 std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q_, const at::Tensor& D_, const at::Tensor& a,
                                                       const at::Tensor& g, bool need_a, bool need_Q) {
-  const at::Tensor Q = Q_.detach().contiguous(), Qt = Q_.detach().t().contiguous(), D = D_.detach().unsqueeze(1);
+  const at::Tensor Q = Q_.detach(), Qt = Q.t(), D = D_.detach().unsqueeze(1);
   const ImageGroups groups(g.size(0), g.size(2));
   const int64_t chunks = std::min(kChunks, groups.count);
   at::Tensor grad_a = need_a ? at::empty_like(g) : at::Tensor();

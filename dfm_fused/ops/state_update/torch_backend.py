@@ -13,7 +13,7 @@ from dfm_fused.ops.common import as_dtype, autocast_off, compute_dtype, decay_ba
 def group_norm_stats(y: torch.Tensor, groups: int, eps: float):
     """``(normalised y, mean, rstd)``; mean and rstd are ``(B, groups)`` in y's dtype."""
     B, C, H, W = y.shape
-    # Before torch 2.12 the CPU kernel rejects inputs dense in neither NCHW nor NHWC.
+    # torch 2.11's CPU kernel rejects inputs dense in neither NCHW nor NHWC (2.14's takes them).
     if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
         y = y.contiguous()
     return torch.ops.aten.native_group_norm(y, None, None, B, C, H * W, groups, eps)
@@ -42,6 +42,8 @@ class StateUpdateFunction(torch.autograd.Function):
         dtype = compute_dtype(h, y, Q)
         y_c = y.to(dtype)
         n, mean, rstd = group_norm_stats(y_c, groups, eps)
+        # Out of place: under torch.compile (torch 2.11) an in-place add on the returned tensor
+        # left every input with a zero gradient.
         out = as_dtype(decay_forward(Q, D, n, dtype) + h, h.dtype)
         ctx.groups = groups
         ctx.save_for_backward(y, Q, D, mean, rstd)

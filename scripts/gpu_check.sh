@@ -6,8 +6,8 @@
 # Usage: bash scripts/gpu_check.sh OUT_DIR
 #
 # Environment:
-#   GPU_CHECK_BUDGET    seconds for the whole script (default 430: the H200 run of 2026-11-27 needed
-#                       about that for every section); each section's limit is cut to
+#   GPU_CHECK_BUDGET    seconds for the whole script (default 430; the H200 run of 2026-11-27 with
+#                       395 s was cut short in its last section); each section's limit is cut to
 #                       what is left, and a section left with under 15 s is skipped and counted as
 #                       a failure, so a truncated check never passes.
 #   GPU_CHECK_SECTIONS  space-separated sections to run (default: all, in the order below):

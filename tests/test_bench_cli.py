@@ -1,6 +1,7 @@
 """The benchmark CLI runs at a tiny size and writes a complete, consistent JSON report."""
 import json
 import math
+import pathlib
 import subprocess
 import sys
 from collections import defaultdict
@@ -113,3 +114,72 @@ def test_python_dash_m_dfm_fused_is_the_benchmark():
     proc = subprocess.run([sys.executable, "-m", "dfm_fused", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "dfm-fused-bench" in proc.stdout and "--quick" in proc.stdout
+
+
+def test_bad_shape_flag_is_a_usage_error(capsys):
+    """Before: ``--shapes bogus`` ended in a ValueError traceback from deep inside the planning."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--device", "cpu", "--no-e2e", "--shapes", "bogus"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: dfm-fused-bench") and "error: --shapes: shape: expected one of" in err and "'bogus'" in err
+
+
+def test_every_flag_has_help_and_says_its_default_at_most_once():
+    """Before: --ops, --modes, --no-ops and --no-e2e had no help, and ArgumentDefaultsHelpFormatter
+    added "(default: None)" after helps that already gave the real default."""
+    from dfm_fused.bench.__main__ import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        assert action.help and len(action.help) > 10, f"{flag}: no help text"
+        text = parser._get_formatter()._expand_help(action)
+        assert text.count("default") <= 1, f"{flag}: {text!r}"
+        assert "None" not in text, f"{flag}: {text!r}"
+
+
+def test_default_output_goes_to_a_git_ignored_folder(tmp_path, monkeypatch, capsys):
+    """Before: the JSON (and PNG) landed in the working directory, the repository root for run.sh."""
+    from dfm_fused.bench.__main__ import RESULTS_DIR
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--device", "cpu", "--quick", "--no-e2e", "--ops", "exp_decay", "--modes", "fwd", "--shapes",
+               "resnet18", "--impls", "reference", "--budget", "0", "--threads", "1", "--no-rss"])
+    assert rc == 0
+    written = list((tmp_path / RESULTS_DIR).glob("dfm_fused_bench_*.json"))
+    assert len(written) == 1 and not list(tmp_path.glob("*.json"))
+    assert f"wrote {written[0]}" in capsys.readouterr().out  # the absolute path
+    gitignore = pathlib.Path(__file__).resolve().parents[1] / ".gitignore"
+    assert f"{RESULTS_DIR}/" in gitignore.read_text().split()
+
+
+def test_run_sh_says_what_it_does_before_each_long_step(tmp_path):
+    """Before: scripts/run.sh was silent for the ~3 minutes of the extension's compile (pip -q).
+    Runs the script with a stub python that records its commands instead of installing anything."""
+    stub_bin = tmp_path / "bin"
+    stub_bin.mkdir()
+    log = tmp_path / "log"
+    stub = stub_bin / "python3"
+    # `python3 -m venv DIR` makes DIR/bin/activate put the stub first on PATH as `python` too.
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "STUB python $*" >> "{log}"\n'
+        f'echo "STUB python $*"\n'
+        'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; '
+        f'echo "export PATH={stub_bin}:\\$PATH" > "$3/bin/activate"; fi\n'
+    )
+    stub.chmod(0o755)
+    (stub_bin / "python").symlink_to(stub)
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "run.sh"
+    env = {"PATH": f"{stub_bin}:/usr/bin:/bin", "DFM_FUSED_VENV": str(tmp_path / "venv"), "DFM_FUSED_BUILD_CUDA": "0"}
+    proc = subprocess.run(["bash", str(script), "--quick"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    build = next(i for i, line in enumerate(lines) if "STUB python -m pip install" in line and "-e ." in line)
+    assert "compiling the C++ extension" in lines[build - 1] and "minutes" in lines[build - 1]
+    torch_install = next(i for i, line in enumerate(lines) if "torch==" in line and line.startswith("STUB"))
+    assert lines[torch_install - 1].startswith("run.sh: installing torch")
+    assert lines[-1] == "STUB python -m dfm_fused --quick"

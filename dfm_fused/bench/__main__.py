@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import sys
 
@@ -32,35 +33,50 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+# Where the JSON and chart go unless --json says otherwise; git-ignored in the repository.
+RESULTS_DIR = "bench_results"
+
+
+class FlagError(ValueError):
+    """A flag value that only :func:`plan` can judge (it depends on the device); reported as a usage error."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dfm-fused-bench",
-        description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p = argparse.ArgumentParser(prog="dfm-fused-bench", description=__doc__.split("\n\n")[1])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="device to time on; auto (default): cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes, T=1,2, few repeats (a smoke run)")
     p.add_argument("--shapes", type=_shape_list, default=None,
                    help="op shapes: presets resnet18, segmentation (scaled down on the CPU), each optionally "
-                        "with overrides, e.g. 'resnet18:B=8,H=16,W=16'; ';' separates shapes with overrides")
-    p.add_argument("--dtypes", type=_csv, default=None, help="float32 (CPU default), bfloat16, float16 (GPU default: float32,bfloat16)")
-    p.add_argument("--ops", type=_csv, default=list(C.OPS))
-    p.add_argument("--modes", type=_csv, default=list(C.MODES))
+                        "with overrides, e.g. 'resnet18:B=8,H=16,W=16'; ';' separates shapes with overrides "
+                        "(default: both presets)")
+    p.add_argument("--dtypes", type=_csv, default=None,
+                   help="comma-separated, of float32, bfloat16, float16 (default: float32 on the CPU, "
+                        "float32,bfloat16 on a GPU)")
+    p.add_argument("--ops", type=_csv, default=list(C.OPS),
+                   help=f"comma-separated ops to time (default: all, {','.join(C.OPS)})")
+    p.add_argument("--modes", type=_csv, default=list(C.MODES),
+                   help=f"comma-separated passes to time: fwd (forward only), fwd+bwd (forward and backward) "
+                        f"(default: {','.join(C.MODES)})")
     p.add_argument("--impls", type=_csv, default=None,
                    help="op implementations: reference, compile (torch.compile of the reference) and dfm_fused "
                         "backends; default: reference, the available backends, and compile on CUDA")
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference (slow to compile on a CPU)")
     p.add_argument("--T", type=_ints, default=None, help="steps of the end-to-end cases (default 1,4,8)")
     p.add_argument("--model", choices=("auto", "resnet18", "small"), default="auto",
-                   help="end-to-end model; auto: resnet18 when dfm_fused.models is importable, else small")
-    p.add_argument("--batch", type=int, default=None, help="end-to-end batch size")
-    p.add_argument("--image", type=_ints, default=None, help="end-to-end image size H,W")
-    p.add_argument("--no-ops", action="store_true")
-    p.add_argument("--no-e2e", action="store_true")
+                   help="end-to-end model; auto (default): resnet18 when dfm_fused.models is importable, else small")
+    p.add_argument("--batch", type=int, default=None,
+                   help="end-to-end batch size (default: 64 on a GPU, 2 on the CPU and with --quick)")
+    p.add_argument("--image", type=_ints, default=None,
+                   help="end-to-end image size H,W (default: 224 on a GPU, 64 on the CPU, 32 with --quick)")
+    p.add_argument("--no-ops", action="store_true", help="skip the op cases (only the end-to-end training step)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step (only the op cases)")
     p.add_argument("--no-rss", action="store_true", help="skip the CPU peak-RSS subprocess")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed repeats per case")
-    p.add_argument("--json", default=None, help="output JSON path (default: dfm_fused_bench_<device>_<date>.json)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed repeats per case (default: 1, 0.1 with --quick)")
+    p.add_argument("--json", default=None,
+                   help=f"output JSON path (default: {RESULTS_DIR}/dfm_fused_bench_<device>_<date>.json)")
     p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     return p
 
@@ -76,29 +92,32 @@ def plan(args) -> tuple[str, list, list[str]]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        raise FlagError("--device cuda: no CUDA device is available")
     notes = []
     cases: list = []
     if not args.no_ops:
-        shapes = [C.parse_shape(s, device, args.quick) for s in args.shapes or ["resnet18", "segmentation"]]
+        try:
+            shapes = [C.parse_shape(s, device, args.quick) for s in args.shapes or ["resnet18", "segmentation"]]
+        except ValueError as exc:
+            raise FlagError(f"--shapes: {exc}") from None
         dtypes = args.dtypes or (["float32", "bfloat16"] if device == "cuda" else ["float32"])
         for name in dtypes:
             if name not in C.DTYPES:
-                raise SystemExit(f"--dtypes: expected some of {', '.join(C.DTYPES)}; got {name!r}")
+                raise FlagError(f"--dtypes: expected some of {', '.join(C.DTYPES)}; got {name!r}")
         for name in args.ops:
             if name not in C.OPS:
-                raise SystemExit(f"--ops: expected some of {', '.join(C.OPS)}; got {name!r}")
+                raise FlagError(f"--ops: expected some of {', '.join(C.OPS)}; got {name!r}")
         for name in args.modes:
             if name not in C.MODES:
-                raise SystemExit(f"--modes: expected some of {', '.join(C.MODES)}; got {name!r}")
+                raise FlagError(f"--modes: expected some of {', '.join(C.MODES)}; got {name!r}")
         fused = C.fused_impls(device)
         impls = args.impls or ["reference", *(["compile"] if device == "cuda" or args.compile else []), *fused]
         if args.compile and "compile" not in impls:
             impls.append("compile")
         for name in impls:
             if name not in (*C.REFERENCE_IMPLS, *fused):
-                raise SystemExit(f"--impls: {name!r} is not available on {device}; available: "
-                                 f"{', '.join((*C.REFERENCE_IMPLS, *fused))}")
+                raise FlagError(f"--impls: {name!r} is not available on {device}; available: "
+                                f"{', '.join((*C.REFERENCE_IMPLS, *fused))}")
         if "compile" not in impls:
             notes.append("torch.compile of the reference not timed (add --compile; ~30 s of compile per case on a CPU)")
         cases += C.op_cases(device, shapes, dtypes, impls, args.ops, args.modes)
@@ -110,7 +129,7 @@ def plan(args) -> tuple[str, list, list[str]]:
             if missing:
                 notes.append(f"end-to-end on the small DFM: {missing}")
         elif model == "resnet18" and missing:
-            raise SystemExit(f"--model resnet18: {missing}")
+            raise FlagError(f"--model resnet18: {missing}")
         Ts = args.T or ([1, 2] if args.quick else [1, 4, 8])
         if args.quick:
             B, image = args.batch or 2, args.image or [32, 32]
@@ -125,12 +144,16 @@ def plan(args) -> tuple[str, list, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
-            raise SystemExit(f"--threads: expected a positive integer; got {args.threads}")
+            parser.error(f"--threads: expected a positive integer; got {args.threads}")
         torch.set_num_threads(args.threads)
-    device, cases, notes = plan(args)
+    try:
+        device, cases, notes = plan(args)
+    except FlagError as exc:
+        parser.error(str(exc))
     meta = runner.environment(device)
     print(f"dfm_fused {meta['dfm_fused']} benchmark on {meta['device']}")
     print(f"torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
@@ -155,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_ratios(records)
     print()
     print(report.format_table(records))
-    stem = args.json or _default_name(meta)
+    stem = args.json or os.path.join(RESULTS_DIR, _default_name(meta))
+    if os.path.dirname(stem):
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
     report.write_json(stem, meta, records)
-    print(f"\nwrote {stem}")
+    print(f"\nwrote {os.path.abspath(stem)}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -165,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         png = args.png or re.sub(r"\.json$", "", stem) + ".png"
         if report.write_chart(png, records, f"{meta['device']}, torch {meta['torch']}, {meta['date']}"):
-            print(f"wrote {png}")
+            print(f"wrote {os.path.abspath(png)}")
     if interrupted:
         return 130
     return 1 if any("error" in r for r in records) else 0

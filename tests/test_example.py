@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -42,3 +43,18 @@ def test_example_end_to_end(tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in results["iou_dfm"] + results["iou_feedforward"])
     printed = capsys.readouterr().out
     assert "IoU feedforward" in printed and "IoU DFM" in printed
+
+
+def test_without_matplotlib_it_says_so_first_and_skips_the_figure(tmp_path, capsys, monkeypatch):
+    """Before: both models trained, then ``No module named 'matplotlib'`` ended the run."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    example = _load()
+    out = tmp_path / "tri.png"
+    results = example.main(
+        ["--iters", "1", "--batch", "2", "--size", "8", "--width", "4", "--T", "1",
+         "--sigmas", "0", "--eval-samples", "2", "--threads", "1", "--out", str(out)]
+    )
+    assert results["figure"] is None and not out.exists()
+    assert len(results["iou_dfm"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("matplotlib is not installed") and "pip install matplotlib" in captured.err

@@ -193,19 +193,23 @@ def set_backend(name: str | None) -> None:
     """
     global _forced
     if name is not None:
-        _check_name(name, "set_backend(name)")
-        if name != "auto":
-            reasons = []
-            for device_type in _BACKENDS[name].devices:
-                try:
-                    _load(name, device_type)
-                    break
-                except BackendUnavailable as exc:
-                    reasons.append(str(exc))
-            else:
-                raise BackendUnavailable("; ".join(reasons))
+        _require_runnable(_check_name(name, "set_backend(name)"))
     with _lock:
         _forced = name
+
+
+def _require_runnable(name: str) -> None:
+    """Raise :class:`BackendUnavailable` unless backend ``name`` runs on some device here."""
+    if name == "auto":
+        return
+    reasons = []
+    for device_type in _BACKENDS[name].devices:
+        try:
+            _load(name, device_type)
+            return
+        except BackendUnavailable as exc:
+            reasons.append(str(exc))
+    raise BackendUnavailable("; ".join(reasons))
 
 
 def get_backend() -> str:
@@ -259,3 +263,27 @@ def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.d
         except BackendUnavailable as exc:
             reasons.append(str(exc))
     raise BackendUnavailable(f"no backend runs {op} on {device_type!r}: " + "; ".join(reasons))
+
+
+CPU_TARGET_VAR = "DFM_FUSED_CPU_TARGET"
+CPU_TARGETS = ("baseline", "avx2")
+
+
+def check_environment() -> None:
+    """Reject bad ``DFM_FUSED_BACKEND`` / ``DFM_FUSED_CPU_TARGET`` values when dfm_fused is imported,
+    not at the first op: the backend as :func:`set_backend` would (same messages), the CPU target's
+    spelling (whether that target is built and runs on this CPU is checked per call, in csrc/)."""
+    name = os.environ.get(ENV_VAR)
+    if name:
+        _check_name(name, f"environment variable {ENV_VAR}")
+        try:
+            _require_runnable(name)
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(f"environment variable {ENV_VAR}={name}: {exc}") from None
+    target = os.environ.get(CPU_TARGET_VAR)
+    if target and target not in CPU_TARGETS:
+        raise ValueError(f"environment variable {CPU_TARGET_VAR}: expected one of {', '.join(CPU_TARGETS)} "
+                         f"(or unset: the best this CPU supports); got {target!r}")
+
+
+check_environment()

@@ -80,7 +80,45 @@ def test_environment_variable_forces_a_backend_in_a_fresh_process():
 def _env():
     import os
 
-    return {k: v for k, v in os.environ.items() if k != "DFM_FUSED_BACKEND"}
+    return {k: v for k, v in os.environ.items() if k not in ("DFM_FUSED_BACKEND", "DFM_FUSED_CPU_TARGET")}
+
+
+def _import_error(**variables) -> str:
+    """The last line of stderr of ``import dfm_fused`` in a fresh process with ``variables`` set."""
+    proc = subprocess.run([sys.executable, "-c", "import dfm_fused"], env={**_env(), **variables},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, f"import dfm_fused accepted {variables}"
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def _set_backend_error(name: str) -> str:
+    with pytest.raises((ValueError, dfm_fused.BackendUnavailable)) as raised:
+        dfm_fused.set_backend(name)
+    return str(raised.value)
+
+
+def test_unknown_backend_in_the_environment_is_refused_at_import():
+    """Before: ``DFM_FUSED_BACKEND=gpu`` imported fine and failed at the first op."""
+    line = _import_error(DFM_FUSED_BACKEND="gpu")
+    expected = _set_backend_error("gpu").replace("set_backend(name)", "environment variable DFM_FUSED_BACKEND")
+    assert line == f"ValueError: {expected}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_backend_in_the_environment_says_what_set_backend_says():
+    """One wording for "no CUDA": at import the variable gets set_backend's message (before, the first
+    op said "does not run on 'cpu' tensors" while set_backend said "no CUDA device is available")."""
+    line = _import_error(DFM_FUSED_BACKEND="cuda")
+    assert line == f"dfm_fused._dispatch.BackendUnavailable: environment variable DFM_FUSED_BACKEND=cuda: " \
+                   f"{_set_backend_error('cuda')}"
+    assert "no CUDA device is available" in line
+
+
+def test_unknown_cpu_target_is_refused_at_import():
+    """Before: ``DFM_FUSED_CPU_TARGET=avx512`` failed inside the first cpp kernel's dispatch."""
+    line = _import_error(DFM_FUSED_CPU_TARGET="avx512")
+    assert line == ("ValueError: environment variable DFM_FUSED_CPU_TARGET: expected one of baseline, avx2 "
+                    "(or unset: the best this CPU supports); got 'avx512'")
 
 
 def test_auto_passes_over_backends_that_do_not_take_the_dtype(monkeypatch):

@@ -135,12 +135,14 @@ def test_state_update_mixed_dtypes(device):
     assert out.dtype == torch.float32
 
 
-# (B, Cx, H, W, Ch, Hi, Wi, offset, fb, groups): upsampling, downsampling, mixed, 1x1 output, odd sizes.
+# (B, Cx, H, W, Ch, Hi, Wi, offset, fb, groups): upsampling, downsampling, mixed, 1x1 output, odd sizes,
+# and an x without channels (Cx = 0: the output is the projection alone).
 FEEDBACK_GEOMETRIES = [
     (2, 5, 8, 8, 12, 4, 4, 3, 6, 2),
     (1, 3, 7, 5, 10, 3, 2, 0, 10, 5),
     (3, 4, 1, 1, 9, 2, 3, 1, 8, 2),
     (2, 6, 5, 9, 7, 11, 6, 2, 4, 1),
+    (2, 0, 6, 5, 8, 3, 2, 2, 4, 2),
 ]
 
 

@@ -264,7 +264,9 @@ def feedback_stats(h, x, offset, fb, groups, eps):
     B = x.shape[0]
     mean = new_output((B, groups), torch.float32, x.device)
     rstd = new_output((B, groups), torch.float32, x.device)
-    if x[:, :1].numel() == 0:
+    # No pixels to normalise (B, H or W is 0). x may have no channels (Cx = 0): the
+    # statistics come from h alone, so that is not a reason to skip the kernel.
+    if B * x.shape[-2] * x.shape[-1] == 0:
         return mean.zero_(), rstd.fill_(eps ** -0.5)
     feedback_stats_kernel[(B * groups,)](h, mean, rstd, *_geometry(h, *x.shape[-2:], offset, fb, groups), eps)
     return mean, rstd

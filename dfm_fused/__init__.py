@@ -7,6 +7,8 @@ Public API:
 - modules: :class:`StateExpDecay` (drop-in for the reference), :class:`FeedbackInput`,
   :class:`StateUpdate`;
 - :func:`unroll`: the T-step loop with memory-saving backward;
+- :func:`capture_train_step`, :func:`capture_inference`: a whole training iteration or
+  forward as CUDA graphs (:mod:`dfm_fused.capture`; CUDA only), :class:`CaptureError`;
 - whole models: :class:`FeedbackModel` (any network as a DFM), :mod:`dfm_fused.models`
   (ResNet and segmentation DFMs), :func:`patch` (swap reference modules for fused ones);
 - backends: :func:`available_backends`, :func:`set_backend`, :func:`get_backend`,
@@ -27,17 +29,21 @@ from dfm_fused.modules import FeedbackInput, StateExpDecay, StateUpdate
 from dfm_fused.patch import patch
 from dfm_fused.unroll import unroll
 from dfm_fused import models  # noqa: E402  (after the modules it builds on)
+from dfm_fused.capture import CaptureError, capture_inference, capture_train_step  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "CaptureError",
     "FeedbackInput",
     "FeedbackModel",
     "StateExpDecay",
     "StateUpdate",
     "available_backends",
     "backend_status",
+    "capture_inference",
+    "capture_train_step",
     "exp_decay",
     "feedback_input",
     "get_backend",

@@ -1,0 +1,389 @@
+"""CUDA graph capture (dfm_fused.capture): argument checks, errors and bookkeeping on the CPU;
+the captured training step and inference against eager on a CUDA device (skipped without one)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dfm_fused
+from dfm_fused import models
+from dfm_fused.capture import _guards, _state
+from dfm_fused.capture._graph import decay_sizes
+from dfm_fused.models.reference import ReferenceResNet18
+from tests._helpers import rel_err
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+# Parameters and statistics after replayed iterations against eager ones (the issue's bound).
+TOL = 1e-5
+
+
+def small_dfm(dropout: float = 0.0, checkpoint: bool = False) -> dfm_fused.FeedbackModel:
+    """A DFM with BatchNorm in frontend and body (and optionally dropout), 16x16 inputs, 4x4 state."""
+    torch.manual_seed(0)
+    frontend = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    body = nn.Sequential(
+        nn.Conv2d(8 + 8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(dropout),
+        nn.Conv2d(16, 24, 3, stride=2, padding=1),
+    )
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return dfm_fused.FeedbackModel(frontend, body, head, in_channels=8, pred_channels=16, fb_channels=8,
+                                   state_stride=4, checkpoint=checkpoint)
+
+
+def batch(B=4, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 16, 16, generator=g).to(device), torch.randint(0, 5, (B,), generator=g).to(device)
+
+
+# ---------------------------------------------------------------- argument checks (any device)
+
+def _train_args(**overrides):
+    model = small_dfm()
+    args = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=F.cross_entropy,
+                example_inputs=batch(), T=3)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(model="net"), TypeError, ["model", "torch.nn.Module", "str"]),
+    (dict(optimizer=None), TypeError, ["optimizer", "Optimizer", "NoneType"]),
+    (dict(loss_fn=3), TypeError, ["loss_fn", "callable", "int"]),
+    (dict(example_inputs=torch.zeros(2)), TypeError, ["example_inputs", "pair", "Tensor"]),
+    (dict(example_inputs=(torch.zeros(2),)), TypeError, ["example_inputs", "pair", "length 1"]),
+    (dict(T=-1), ValueError, ["T", ">= 0", "-1"]),
+    (dict(T=2.5), TypeError, ["T", "int", "2.5"]),
+    (dict(warmup=1), ValueError, ["warmup", ">= 2", "1"]),
+    (dict(autocast_dtype=torch.float32), ValueError, ["autocast_dtype", "bfloat16", "float32"]),
+    (dict(capture_error_mode="strict"), ValueError, ["capture_error_mode", "thread_local", "strict"]),
+    (dict(atol=1e-2), ValueError, ["atol", "Early stop", "capture_inference"]),
+])
+def test_train_step_argument_errors(overrides, error, words):
+    with pytest.raises(error) as info:
+        dfm_fused.capture_train_step(**_train_args(**overrides))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_train_step_refuses_optimizer_that_is_not_capturable():
+    model = small_dfm()
+    with pytest.raises(ValueError, match=r"optimizer: Adam param_groups\[0\] has capturable=False.*capturable=True"):
+        dfm_fused.capture_train_step(**_train_args(model=model, optimizer=torch.optim.Adam(model.parameters())))
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    (dict(model=nn.Linear(3, 3), atol=0.1), TypeError, ["model", "early stop", "Linear"]),
+    (dict(atol=-0.1), ValueError, ["atol", ">= 0"]),
+    (dict(check_every=0), ValueError, ["check_every", ">= 1"]),
+    (dict(T=-2), ValueError, ["T", ">= 0"]),
+])
+def test_inference_argument_errors(overrides, error, words):
+    model = small_dfm().eval()
+    args = dict(model=model, example_input=batch()[0], T=4)
+    args.update(overrides)
+    with pytest.raises(error) as info:
+        dfm_fused.capture_inference(**args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_inference_early_stop_needs_eval_mode():
+    with pytest.raises(ValueError, match=r"model: early stop \(atol\) is captured in eval mode only"):
+        dfm_fused.capture_inference(small_dfm().train(), batch()[0], 4, atol=0.1)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message on a machine without CUDA")
+def test_without_cuda_says_graphs_need_a_cuda_device_and_leaves_the_model_alone():
+    model = small_dfm()
+    before = copy.deepcopy(model.state_dict())
+    for call in (lambda: dfm_fused.capture_train_step(**_train_args(model=model,
+                                                                    optimizer=torch.optim.SGD(model.parameters(), lr=1))),
+                 lambda: dfm_fused.capture_inference(model.eval(), batch()[0], 4)):
+        with pytest.raises(RuntimeError, match=r"CUDA graphs need a CUDA device.*torch.cuda.is_available\(\) is False"):
+            call()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    x, y = batch()
+    F.cross_entropy(model.train()(x, 3), y).backward()  # the rest of the package runs on the CPU
+    assert all(p.grad is not None for p in model.body.parameters())
+
+
+# ---------------------------------------------------------------- bookkeeping helpers (CPU tensors)
+
+def _train_eagerly(model, optimizer, steps=2, T=3):
+    for i in range(steps):
+        x, y = batch(seed=10 + i)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x, T), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("stepped_before", [False, True])
+def test_snapshot_restores_what_iterations_change(stepped_before):
+    model = small_dfm(dropout=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if stepped_before:
+        _train_eagerly(model, optimizer, 1)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state_objects = {id(p): dict(s) for p, s in optimizer.state.items()}
+    state_values = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    grads = [p.grad for p in model.parameters()]
+    rng = torch.get_rng_state()
+    expected_rng = torch.randn(5)
+    torch.set_rng_state(rng)
+    snapshot = _state.Snapshot(model, optimizer, torch.device("cpu"))
+    snapshot.clear_grads()
+    assert all(p.grad is None for p in model.parameters())
+    _train_eagerly(model, optimizer, 2)
+    created = snapshot.created_state()
+    assert bool(created) == (not stepped_before)  # momentum buffers appear at the first step
+    snapshot.restore()
+    # What the iterations changed is back, in the same tensor objects.
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, params[name]), name
+    assert all(p.grad is grad for p, grad in zip(model.parameters(), grads))
+    assert {id(p) for p in optimizer.state} == set(state_objects)
+    for p, entry in optimizer.state.items():
+        for key, value in entry.items():
+            assert value is state_objects[id(p)][key]
+            assert torch.equal(value, state_values[id(p)][key])
+    assert torch.equal(torch.randn(5), expected_rng)
+
+
+def test_changed_hyperparameter_names_the_setting():
+    lr = torch.tensor(0.1)
+    model = small_dfm()
+    optimizer = torch.optim.SGD([{"params": model.body.parameters()},
+                                 {"params": model.head.parameters(), "lr": lr}], lr=0.1, momentum=0.9)
+    recorded = _state.hyperparameters(optimizer)
+    assert _state.changed_hyperparameter(optimizer, recorded) is None
+    lr.fill_(0.05)  # a tensor changed in place is read by the graph: not a change
+    assert _state.changed_hyperparameter(optimizer, recorded) is None
+    optimizer.param_groups[0]["lr"] = 0.01
+    assert _state.changed_hyperparameter(optimizer, recorded) == "param_groups[0]['lr']: 0.1 -> 0.01"
+    optimizer.param_groups[0]["lr"] = 0.1
+    optimizer.param_groups[1]["lr"] = torch.tensor(0.05)  # a new tensor object: the graph reads the old one
+    assert _state.changed_hyperparameter(optimizer, recorded).startswith("param_groups[1]['lr']")
+
+
+def test_cpu_tensor_use_flags_cpu_tensors_next_to_device_tensors():
+    device = torch.device("meta")  # stands in for the CUDA device on this machine
+    on_device = torch.ones(3, device=device, requires_grad=True)
+    watch = _guards.CpuTensorUse(device)
+    with watch:
+        (on_device * 2.0 + 1).sum().backward()  # Python numbers are scalars: fine
+        torch.ones(2) * torch.tensor(3.0)  # CPU only: fine
+    assert watch.found is None
+    with watch:
+        on_device * torch.tensor(3.0)
+    assert "aten.mul.Tensor reads a CPU tensor of shape () and dtype torch.float32" in watch.found
+
+
+def test_model_device_and_input_checks_name_the_tensor():
+    with pytest.raises(ValueError, match=r"capture_train_step: T is on cpu; .*one CUDA device"):
+        _guards.model_device("capture_train_step", small_dfm())
+    with pytest.raises(ValueError, match=r"x: expected a tensor on meta \(the model's device\); got one on cpu"):
+        _guards.input_tensor("x", torch.zeros(2), torch.device("meta"))
+    with pytest.raises(TypeError, match="target: expected a torch.Tensor; got list"):
+        _guards.input_tensor("target", [1], torch.device("meta"))
+
+
+def test_capture_errors_explain_the_usual_causes():
+    text = _guards.explain("capture_train_step", "capturing the training iteration",
+                           RuntimeError("Cannot call CUDAGeneratorImpl::current_seed"))
+    assert text.startswith("capture_train_step: capturing the training iteration failed")
+    assert "checkpoint=True" in text and "host sync" in text and "CPU tensor" in text
+
+
+def test_decay_sizes_finds_the_modules_that_reorthogonalise():
+    assert decay_sizes(small_dfm()) == [24]
+    assert decay_sizes(ReferenceResNet18(fb_filters=8, n_classes=4, shape=(32, 32))) == [520]
+
+
+# ---------------------------------------------------------------- on a CUDA device
+
+@pytest.fixture
+def deterministic():
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+def _resnet(checkpoint):
+    torch.manual_seed(0)
+    return models.ResNet18(fb_filters=16, n_classes=10, shape=(32, 32), checkpoint=checkpoint).cuda()
+
+
+def _batches(n, B=4, image=32, classes=10):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(B, 3, image, image, generator=g).cuda(), torch.randint(0, classes, (B,), generator=g).cuda())
+            for _ in range(n)]
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3, capturable=True),
+}
+
+
+def _assert_same_model(graphed, eager, tol=TOL):
+    for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
+        if a.is_floating_point():
+            assert rel_err(a, b, floor=1e-12) <= tol, f"{name}: {rel_err(a, b, floor=1e-12):.2e}"
+        else:
+            assert torch.equal(a, b), name  # num_batches_tracked
+
+
+def _eager_steps(model, optimizer, batches, T, autocast_dtype=None):
+    torch.manual_seed(1)
+    for x, y in batches:
+        optimizer.zero_grad()
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(model(x, T), y)
+        loss.backward()
+        optimizer.step()
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+def test_replayed_iterations_equal_eager(optimizer_name, checkpoint, deterministic):
+    """Parameters and BatchNorm statistics after 3 replays equal 3 eager iterations (the first
+    call runs eagerly: the optimizer creates its state at its first step)."""
+    eager, graphed = _resnet(checkpoint), _resnet(checkpoint)
+    eager_opt, graphed_opt = OPTIMIZERS[optimizer_name](eager.parameters()), OPTIMIZERS[optimizer_name](graphed.parameters())
+    batches, T = _batches(4), 3
+    _eager_steps(eager, eager_opt, batches, T)
+    step = dfm_fused.capture_train_step(graphed, graphed_opt, F.cross_entropy, batches[0], T=T)
+    _assert_same_model(graphed, _resnet(checkpoint))  # the warm-up changed nothing
+    torch.manual_seed(1)
+    for x, y in batches:
+        graphed_opt.zero_grad()
+        step(x, y)
+    assert step.counts["replays"] == 3 and step.counts["eager"] == 1, step.counts
+    _assert_same_model(graphed, eager)
+    assert any("QR of Q" in note for note in step.notes), step.notes
+
+
+@needs_cuda
+def test_dropout_masks_equal_eager_with_graph_safe_rng(deterministic):
+    eager, graphed = small_dfm(dropout=0.5).cuda(), small_dfm(dropout=0.5).cuda()
+    eager_opt, graphed_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, graphed))
+    batches = [tuple(t.cuda() for t in batch(seed=s)) for s in range(4)]
+    _eager_steps(eager, eager_opt, batches, 3)
+    step = dfm_fused.capture_train_step(graphed, graphed_opt, F.cross_entropy, batches[0], T=3)
+    torch.manual_seed(1)
+    for x, y in batches:
+        graphed_opt.zero_grad()
+        step(x, y)
+    assert step.counts["replays"] == 4, step.counts  # SGD without momentum has no lazy state
+    _assert_same_model(graphed, eager)
+
+
+@needs_cuda
+def test_gradient_accumulation_and_zero_grad_as_in_eager(deterministic):
+    eager, graphed = _resnet(False), _resnet(False)
+    eager_opt, graphed_opt = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, graphed))
+    batches = _batches(6)
+    step = dfm_fused.capture_train_step(graphed, graphed_opt, F.cross_entropy, batches[0], T=2)
+    torch.manual_seed(1)
+    for model, opt, run in ((eager, eager_opt, None), (graphed, graphed_opt, step)):
+        torch.manual_seed(1)
+        for i, (x, y) in enumerate(batches):
+            if i % 3 == 0 and i != 3:  # iteration 3 accumulates on top of the previous step's gradients
+                opt.zero_grad(set_to_none=i == 0)
+            last = i % 3 == 2
+            if run is None:
+                F.cross_entropy(model(x, 2), y).backward()
+                if last:
+                    opt.step()
+            else:
+                run(x, y, optimizer_step=last)
+    assert step.counts["replays"] >= 4, step.counts
+    _assert_same_model(graphed, eager)
+    for a, b in zip(graphed.parameters(), eager.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert rel_err(a.grad, b.grad, floor=1e-12) <= TOL
+
+
+@needs_cuda
+def test_autocast_bfloat16_equals_eager_autocast(deterministic):
+    eager, graphed = _resnet(False), _resnet(False)
+    eager_opt, graphed_opt = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, graphed))
+    batches = _batches(3)
+    _eager_steps(eager, eager_opt, batches, 3, torch.bfloat16)
+    step = dfm_fused.capture_train_step(graphed, graphed_opt, F.cross_entropy, batches[0], T=3,
+                                        autocast_dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    for x, y in batches:
+        graphed_opt.zero_grad()
+        step(x, y)
+    assert step.counts["replays"] == 3
+    _assert_same_model(graphed, eager, tol=1e-3)
+
+
+@needs_cuda
+def test_what_cannot_be_captured_raises_naming_it():
+    model = small_dfm().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = (t.cuda() for t in batch())
+    with pytest.raises(dfm_fused.CaptureError, match=r"warm-up iteration 2 of 3.*sync"):
+        dfm_fused.capture_train_step(model, opt, lambda out, y: F.cross_entropy(out, y) * (out.sum().item() > 0),
+                                     (x, y), T=2)
+    weight = torch.tensor(2.0)
+    with pytest.raises(dfm_fused.CaptureError, match="uses a CPU tensor on the device"):
+        dfm_fused.capture_train_step(model, opt, lambda out, y: F.cross_entropy(out, y) * weight, (x, y), T=2)
+    step = dfm_fused.capture_train_step(model, opt, F.cross_entropy, (x, y), T=2)
+    with pytest.raises(ValueError, match=r"x: expected a tensor on cuda:\d \(the model's device\); got one on cpu"):
+        step(x.cpu(), y)
+    opt.param_groups[0]["lr"] = 0.01
+    with pytest.raises(dfm_fused.CaptureError, match=r"param_groups\[0\]\['lr'\]: 0.1 -> 0.01"):
+        step(x, y)
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_inference_at_fixed_T_equals_eager(checkpoint):
+    model = _resnet(checkpoint).eval()
+    x = _batches(1, B=8)[0][0]
+    infer = dfm_fused.capture_inference(model, x, T=8)
+    with torch.no_grad():
+        expected = model(x, 8)
+    for _ in range(2):
+        logits = infer(x)
+        assert rel_err(logits, expected) <= TOL
+    assert infer.steps_run == 8 and infer.counts["replays"] == 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("where", ["early", "middle", "never"])
+def test_inference_early_stop_matches_eager_and_reference(where):
+    model = _resnet(False).eval()
+    reference = ReferenceResNet18(fb_filters=16, n_classes=10, shape=(32, 32)).cuda().eval()
+    models.load_reference_state_dict(reference, model.state_dict(), strict=False)
+    x, T = _batches(1, B=8)[0][0], 8
+    with torch.no_grad():  # the moves of sum|h| of the first T-1 steps, to put atol between them
+        z = model.encode(x)
+        h, sums = torch.zeros(model.initial_state(z).shape, device="cuda"), []
+        for t in range(T - 1):
+            h = model.step(z, h, t)
+            sums.append(h.abs().sum().double().item())
+    moves = sorted(abs(b - a) for a, b in zip(sums, sums[1:]))
+    atol = {"early": (moves[-1] + moves[-2]) / 2, "middle": (moves[2] + moves[3]) / 2, "never": moves[0] / 2}[where]
+    infer = dfm_fused.capture_inference(model, x, T, atol=atol, check_every=3)
+    logits = infer(x)
+    with torch.no_grad():
+        expected = model(x, T, atol=atol, check_every=3)
+        reference_logits = reference(x, T, atol=atol)
+    assert infer.steps_run == model.steps_run == reference.steps_run
+    assert rel_err(logits, expected) <= TOL
+    assert rel_err(logits, reference_logits) <= 1e-4
+    if where == "never":
+        assert infer.steps_run == T

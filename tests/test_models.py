@@ -8,85 +8,110 @@ import torch
 import dfm_fused
 from dfm_fused import models
 from dfm_fused.models.reference import ReferenceResNet18
+from tests import _golden as golden_module
 from tests._golden import load_golden, rel_err
+from tests._helpers import assert_close
 
+# Forward quantities (the BatchNorm statistics in ``after``) against the float32 golden run.
 TOL = 1e-4
-# In the recorded *training* case the golden gradients of the first layers differ by 0.6-0.7%
-# from dfm_fused.models.ResNet18, from the transcription ReferenceResNet18 (in float64 too), and
-# from the real dfbmodels code run with torchvision 0.29.1 and torch 2.14.1 (compile wrappers
-# removed, h0 injected through _init_states); those three agree with each other to 1e-5. The
-# outputs, the state, the statistics, Q and the last layers' gradients match everywhere, and
-# the eval case matches in full.
-KNOWN_TRAIN_GRAD_GAP = {"conv1.weight", "layer1.0.conv1.weight"}
+# A float64 run against the reference's float64 run: both are exact to ~1e-14 here.
+FLOAT64_TOL = 1e-9
 
 
-def _run_golden(model, case):
+def _run_golden(model, case, dtype=torch.float32, **kwargs):
     model.train(case["training"])
-    logits = model(case["x"], case["T"], h0=case["h0"])
-    (logits * case["w"]).sum().backward()
+    logits = model(case["x"].to(dtype), case["T"], h0=case["h0"].to(dtype), **kwargs)
+    (logits * case["w"].to(dtype)).sum().backward()
     return logits
 
 
-def _golden_model(cls, golden, **kwargs):
+def _golden_model(cls, golden, dtype=torch.float32, **kwargs):
     model = cls(**golden["config"], **kwargs)
     models.load_reference_state_dict(model, golden["state_dict"])
-    return model
+    return model.to(dtype)
+
+
+def _errors_against_float64(model, logits, case) -> dict[str, float]:
+    """Relative 2-norm error of each tensor the golden ``float64`` entry holds, named as in
+    ``float32_error`` (``logits``, ``final_state``, ``grads.<parameter>``)."""
+    exact, params = case["float64"], dict(model.named_parameters())
+    errors = {"logits": rel_err(logits, exact["logits"]), "final_state": rel_err(model.state, exact["final_state"])}
+    for name, expected in exact["grads"].items():
+        errors[f"grads.{name}"] = rel_err(params[name].grad, expected)
+    assert errors.keys() == case["float32_error"].keys()
+    return errors
+
+
+def _assert_as_accurate_as_reference(model, logits, case):
+    """The golden README's rule: a float32 implementation is judged against the float64 answer,
+    each tensor within ``max(2 * float32_error, 1e-5)``, as accurate as the reference's own float32
+    run. The training case is ill-conditioned (the reference's float32 conv1 gradient is 6e-3
+    from float64), and each torch build and host lands elsewhere in that band, so a comparison
+    with the float32 golden tensors would depend on the host."""
+    errors = _errors_against_float64(model, logits, case)
+    bounds = {name: max(2 * err, 1e-5) for name, err in case["float32_error"].items()}
+    bad = {name: f"{errors[name]:.3e} > {bounds[name]:.3e}" for name in errors if not errors[name] <= bounds[name]}
+    assert not bad, f"relative errors against float64 above the bound: {bad}"
+
+
+def _assert_statistics_match(model, case):
+    state = model.state_dict()
+    for name, expected in case["after"].items():
+        assert rel_err(state[name], expected) < TOL, name
 
 
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["memory-saving", "full-graph"])
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1], ids=["training", "eval"])
 def test_resnet18_matches_golden(index, checkpoint):
     golden = load_golden()
     case = golden["cases"][index]
     model = _golden_model(models.ResNet18, golden, checkpoint=checkpoint)
     logits = _run_golden(model, case)
     assert model.steps_run == case["steps_run"]
-    assert rel_err(logits, case["logits"]) < TOL
-    assert rel_err(model.state, case["final_state"]) < TOL
-    params, state = dict(model.named_parameters()), model.state_dict()
-    for name, expected in case["grads"].items():
-        if case["training"] and name in KNOWN_TRAIN_GRAD_GAP:
-            continue
-        assert rel_err(params[name].grad, expected) < TOL, name
-    for name, expected in case["after"].items():
-        assert rel_err(state[name], expected) < TOL, name
+    _assert_as_accurate_as_reference(model, logits, case)
+    _assert_statistics_match(model, case)
 
 
-@pytest.mark.xfail(strict=True, reason="golden training-case grads of conv1/layer1.0.conv1 differ by ~0.6% "
-                   "from the fused model, the transcription and the real dfbmodels code alike")
-def test_resnet18_golden_first_layer_grads_training():
+@pytest.mark.parametrize("index", [0, 1], ids=["training", "eval"])
+def test_resnet18_float64_matches_golden_float64(index):
+    """In float64 the fused model reproduces the reference's float64 run: every tensor to 1e-9."""
     golden = load_golden()
-    case = golden["cases"][0]
-    assert case["training"]
-    model = _golden_model(models.ResNet18, golden)
-    _run_golden(model, case)
-    params = dict(model.named_parameters())
-    assert max(rel_err(params[n].grad, case["grads"][n]) for n in KNOWN_TRAIN_GRAD_GAP) < TOL
+    case = golden["cases"][index]
+    model = _golden_model(models.ResNet18, golden, torch.float64)
+    logits = _run_golden(model, case, torch.float64)
+    assert logits.dtype == torch.float64 and model.steps_run == case["steps_run"]
+    errors = _errors_against_float64(model, logits, case)
+    bad = {name: err for name, err in errors.items() if not err <= FLOAT64_TOL}
+    assert not bad, f"relative errors against float64 above {FLOAT64_TOL:g}: {bad}"
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1], ids=["training", "eval"])
 def test_reference_transcription_matches_golden_and_fused(index):
     golden = load_golden()
     case = golden["cases"][index]
     ref = _golden_model(ReferenceResNet18, golden)
     fused = _golden_model(models.ResNet18, golden)
-    ref.train(case["training"])
-    ref_logits = ref(case["x"], case["T"], h0=case["h0"], atol=case["atol"])
-    (ref_logits * case["w"]).sum().backward()
+    ref_logits = _run_golden(ref, case, atol=case["atol"])  # the reference's early stop, as recorded
     fused_logits = _run_golden(fused, case)
-    assert ref.steps_run == case["steps_run"]
-    assert rel_err(ref_logits, case["logits"]) < TOL
-    assert rel_err(ref.state, case["final_state"]) < TOL
-    ref_params, fused_params = dict(ref.named_parameters()), dict(fused.named_parameters())
-    for name, expected in case["grads"].items():
-        # The transcription and the fused model agree on every gradient, including the two
-        # the golden training case does not reproduce.
-        assert rel_err(fused_params[name].grad, ref_params[name].grad) < TOL, name
-        if not (case["training"] and name in KNOWN_TRAIN_GRAD_GAP):
-            assert rel_err(ref_params[name].grad, expected) < TOL, name
-    for name, expected in case["after"].items():
-        assert rel_err(ref.state_dict()[name], expected) < TOL, name
+    assert ref.steps_run == fused.steps_run == case["steps_run"]
+    _assert_as_accurate_as_reference(ref, ref_logits, case)
+    _assert_statistics_match(ref, case)
+    # The forward is well conditioned: the two agree closely whatever the host.
     assert rel_err(fused_logits, ref_logits) < TOL
+    assert rel_err(fused.state, ref.state) < TOL
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), (None, pytest.skip.Exception)])
+def test_missing_golden_file_fails_in_ci_and_skips_elsewhere(ci, outcome, tmp_path, monkeypatch):
+    monkeypatch.setenv(golden_module.ENV, str(tmp_path / "missing.pt"))
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    # BaseException: pytest's skip and fail outcomes are not Exceptions; either one is caught here.
+    with pytest.raises(BaseException) as raised:
+        load_golden()
+    assert raised.type is outcome and "missing.pt" in str(raised.value)
 
 
 def test_state_dict_keys_match_reference_checkpoint():
@@ -155,11 +180,14 @@ def test_memory_saving_matches_full_graph(make, shape):
     runs = _twin_runs(make, x, 3)
     (y1, g1, s1), (y0, g0, s0) = runs[True], runs[False]
     assert torch.isfinite(y1).all()
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    assert_close(y1, y0, torch.float32, "logits")
     assert "error_head.Q" in g0 and any(n.startswith(("conv1.", "frontend.")) for n in g0)
     _assert_grads_close(g1, g0)
     for name in s0:  # BatchNorm statistics updated once per step, QR once per forward
-        torch.testing.assert_close(s1[name], s0[name], rtol=1e-5, atol=1e-7, msg=name)
+        if s0[name].is_floating_point():
+            assert_close(s1[name], s0[name], torch.float32, name)
+        else:
+            assert torch.equal(s1[name], s0[name]), name
 
 
 @pytest.mark.parametrize("cls, fb", [(models.ResNet34, 8), (models.ResNet50, 2)])
@@ -185,12 +213,12 @@ def test_trajectory_predictions_and_gradients():
     (traj1, g1, _), (traj0, g0, _) = runs[True], runs[False]
     assert len(traj1) == 3 and all(p.shape == (2, 5) for p in traj1)
     for a, b in zip(traj1, traj0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a, b, torch.float32, "prediction")
     _assert_grads_close(g1, g0)
     torch.manual_seed(1)
     model = make()
     torch.manual_seed(2)
-    torch.testing.assert_close(model(x, 3), traj1[-1], rtol=1e-5, atol=1e-6)
+    assert_close(model(x, 3), traj1[-1], torch.float32, "last prediction")
 
 
 def _saved_bytes(model, x, T):
@@ -237,7 +265,7 @@ def test_initial_state_semantics():
         assert not torch.allclose(model(x, 1, h0=h0), model(x, 1, h0=zeros))
         torch.testing.assert_close(model(x, 3, h0=h0), model(x, 3, h0=zeros))
         for T in (0, 1, 3):
-            torch.testing.assert_close(model(x, T, h0=h0), ref(x, T, h0=h0), rtol=1e-4, atol=1e-5)
+            assert_close(model(x, T, h0=h0), ref(x, T, h0=h0), torch.float32, f"T={T}")
         # Without h0: an N(0, 1e-3) draw.
         model(x, 0)
         assert 0.5e-3 < model.state.std().item() < 2e-3
@@ -259,8 +287,10 @@ def test_early_stop_matches_reference(check_every, atol):
     # atol=1e9 stops after the 2nd of the first 5 steps, then one more step: 3 in all.
     assert model.steps_run == ref.steps_run == (3 if atol > 1 else 6)
     assert len(traj) == model.steps_run
-    torch.testing.assert_close(traj[-1], expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.state, ref.state, rtol=1e-4, atol=1e-6)
+    # Relative 2-norm errors: the state holds values near 1e-3 whose float32 rounding differs by
+    # host (an absolute 1e-6 failed on an Intel host at 1.2e-6 on the cpp backend).
+    assert_close(traj[-1], expected, torch.float32, "prediction")
+    assert_close(model.state, ref.state, torch.float32, "state")
     assert model.T.item() == ref.T.item() == model.steps_run
 
 
@@ -305,7 +335,7 @@ def test_feedback_model_any_network():
     (t1, g1, _), (t0, g0, _) = runs[True], runs[False]
     assert len(t1) == 4 and t1[-1].shape == (3, 3)
     for a, b in zip(t1, t0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a, b, torch.float32, "prediction")
     assert "body.0.weight" in g0 and "frontend.0.weight" in g0 and "error_head.Q" in g0
     _assert_grads_close(g1, g0)
     model = _small_feedback_model()

@@ -11,8 +11,8 @@
 #                       what is left, and a section left with under 15 s is skipped and counted as
 #                       a failure, so a truncated check never passes.
 #   GPU_CHECK_SECTIONS  space-separated sections to run (default: all, in the order below):
-#                       environment build triton_tests triton_tests_large cuda_tests bench_cli
-#                       bench_extension bench_triton_ops
+#                       environment build triton_tests triton_half_precision triton_tests_large
+#                       cuda_tests bench_cli bench_extension bench_triton_ops
 #                       `build` is skipped by leaving it out, e.g. to reuse an extension built by
 #                       an earlier run against the same torch (carried as dfm_fused/_C*.so).
 #   GPU_CHECK_COMPILE   1: the CLI benchmark also times torch.compile of the reference (slow: one
@@ -34,7 +34,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 FAILED=0
 : > "$OUT/summary.txt"
-SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_tests_large cuda_tests bench_cli bench_extension bench_triton_ops} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_half_precision triton_tests_large cuda_tests bench_cli bench_extension bench_triton_ops} "
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-430} ))
 read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST:-}"
 read -r -a CLI_EXTRA <<< "${GPU_CHECK_CLI:-}"
@@ -100,8 +100,15 @@ fi
 # per kernel (DFM_FUSED_AUTOTUNE=0: one compile each); pass 2: the large shapes with full
 # autotuning, as the benchmarks run them. The interpreter suite is CPU CI's job.
 run_section triton_tests 150 env DFM_FUSED_AUTOTUNE=0 DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_triton.py \
-    -q -rfEs -p no:cacheprovider "${XDIST[@]}" -k "not interpreter_suite and not large" \
+    -q -rfEs -p no:cacheprovider "${XDIST[@]}" -k "not interpreter_suite and not large and not half_precision" \
     --junitxml="$OUT/triton_tests.xml" "${PYTEST_EXTRA[@]}"
+# Half-precision inputs: Triton's GEMMs round M and x (or GroupNorm(y)) to bfloat16/float16; its
+# error against float64 must not exceed the reference's under the same autocast. CPU CI cannot see
+# the bfloat16 case (the interpreter gives bfloat16 dots float32 operands), so this is its check;
+# -rP logs each case's measured errors.
+run_section triton_half_precision 40 env DFM_FUSED_AUTOTUNE=0 DFM_FUSED_POISON=1 "$PY" -m pytest \
+    tests/test_triton.py -q -rfEsP -p no:cacheprovider -k "half_precision and cuda" \
+    --junitxml="$OUT/triton_half_precision.xml" "${PYTEST_EXTRA[@]}"
 run_section triton_tests_large 80 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_triton.py -q -rfEs \
     -p no:cacheprovider "${XDIST[@]}" -k "large" --junitxml="$OUT/triton_tests_large.xml" "${PYTEST_EXTRA[@]}"
 

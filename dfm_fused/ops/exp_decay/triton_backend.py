@@ -5,6 +5,13 @@ handed to the kernel in the dot operand dtype (the input's half type, or float32
 Forward saves only its inputs; backward runs the same kernel on the incoming
 gradient (``grad_x = M g``, M is symmetric) and the split-pixel outer-product
 kernel for ``A = sum x g^T``, then ``grad_Q = diag(D) Q (A + A^T)``.
+
+Precision: for half-precision ``x`` (and ``g``) the GEMMs take ``M`` and ``x`` rounded to that
+half type (tensor-core dots, float32 accumulation), as the reference's two linears do under
+autocast. ``tests/test_triton.py::test_half_precision_no_worse_than_reference_under_autocast``
+holds the error against float64 to at most the reference's under the same autocast; for
+bfloat16 only on a GPU (``scripts/gpu_check.sh``): the interpreter's bfloat16 dots get float32
+operands.
 """
 from __future__ import annotations
 

@@ -7,6 +7,14 @@ adds ``h``, writing the new state once. Only ``y``, ``Q``, ``D`` and the
 gradient itself; ``grad_y`` is ``M g`` (GEMM kernel) through the GroupNorm
 backward kernel; ``grad_Q`` uses ``A = sum GroupNorm(y) g^T`` from the
 deterministic split-pixel outer-product kernel.
+
+Precision: for half-precision ``y`` the forward GEMM takes ``M`` and the float32-normalised
+``y`` tile rounded to ``y``'s half type (tensor-core dots, float32 accumulation), as the
+reference's linears under autocast; statistics and ``+ h`` stay float32, and so do the
+backward GEMMs unless ``h`` is half as well. The test
+``test_half_precision_no_worse_than_reference_under_autocast`` (tests/test_triton.py) holds the
+error against float64 to at most the reference's under the same autocast; for bfloat16 only on a
+GPU (``scripts/gpu_check.sh``): the interpreter's bfloat16 dots get float32 operands.
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ may be changed between calls from any thread.
 
 A backend is a module per op (``dfm_fused/ops/<op>/<backend>_backend.py``; the
 reference backend is :mod:`dfm_fused.reference`) exposing a function named like
-the op with the signature of :mod:`dfm_fused.functional`.
+the op with the signature of :mod:`dfm_fused.functional`, or declining it: a
+module-level ``DECLINED = {op: reason}`` makes that backend raise
+:class:`BackendUnavailable` with the reason for that op, and ``auto`` pass over it.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ __all__ = [
     "use_backend",
 ]
 
-OPS = ("exp_decay", "feedback_input", "state_update")
+OPS = ("exp_decay", "feedback_input", "state_update", "general_exp_decay")
 ENV_VAR = "DFM_FUSED_BACKEND"
 
 
@@ -145,7 +147,9 @@ def _try_load(backend: _Backend, device_type: str):
         table = {}
         for op in OPS:
             module = importlib.import_module(backend.module.format(op=op))
-            table[op] = getattr(module, op)
+            declined = getattr(module, "DECLINED", {}).get(op)
+            table[op] = (BackendUnavailable(f"backend {backend.name!r} does not run {op}: {declined}")
+                         if declined else getattr(module, op))
         return table
     except BackendUnavailable as exc:
         return BackendUnavailable(f"backend {backend.name!r} is unavailable: {exc}")
@@ -243,13 +247,20 @@ def resolve(
     return name, _cache[(name, device_type)][op]
 
 
+def _require_op(name: str, device_type: str, op: str) -> None:
+    """Raise why backend ``name`` cannot run ``op`` on ``device_type``, if it cannot."""
+    declined = _load(name, device_type).get(op)
+    if isinstance(declined, BackendUnavailable):
+        raise BackendUnavailable(str(declined))
+
+
 @torch.compiler.assume_constant_result
 def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.dtype | None) -> str:
     # Under torch.compile this runs once at trace time and its result is baked
     # into the graph, so dispatch costs nothing per call and breaks no graph.
     name = _check_name(backend, "backend") if backend is not None else get_backend()
     if name != "auto":
-        _load(name, device_type)
+        _require_op(name, device_type, op)
         return name
     reasons = []
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
@@ -258,7 +269,7 @@ def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.d
             reasons.append(f"backend {candidate!r} does not take {dtype}")
             continue
         try:
-            _load(candidate, device_type)
+            _require_op(candidate, device_type, op)
             return candidate
         except BackendUnavailable as exc:
             reasons.append(str(exc))

@@ -20,7 +20,7 @@ import torch
 from dfm_fused import _checks
 from dfm_fused._dispatch import resolve
 
-__all__ = ["exp_decay", "feedback_input", "state_update"]
+__all__ = ["exp_decay", "feedback_input", "general_exp_decay", "state_update"]
 
 
 def exp_decay(x, Q, S, t, tau, alpha, *, backend: str | None = None) -> torch.Tensor:
@@ -98,6 +98,39 @@ def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, b
     # Under autocast the reference adds the autocast-dtype decay output to h.
     return _call("state_update", h.device.type, backend, lambda low: torch.promote_types(h.dtype, low),
                  h, y, Q, S, t, tau, alpha, groups, float(eps))
+
+
+def general_exp_decay(x, Q, Qinv, S, t, tau, alpha, *, backward: str = "exact", backend: str | None = None):
+    """``Qinv diag(exp(t * Delta)) Q x`` per pixel, ``Delta = -(1/tau) |S|**alpha``: a general channel
+    mix (``Qinv`` is any matrix, not assumed to be ``Q``'s inverse or ``Q^T``; no symmetry).
+
+    Args:
+        x: ``(B, C, H, W)`` floating tensor. Q, Qinv: ``(C, C)``. S: ``(C,)``.
+        t, tau, alpha: as in :func:`exp_decay`; ``t >= 0`` with ``backward="neumann"``.
+        backward: ``"exact"``: the derivative; ``x``, ``Q``, ``Qinv``, ``S`` (and ``t``,
+            ``tau``, ``alpha`` where they are tensors requiring grad) get their gradients.
+            ``"neumann"``: the surrogate of ``feedback_segmentation``'s ``StateExpDecay``
+            (not the derivative): the decay stage back-propagates ``g * s`` with
+            ``s = sum_{i=1..n+1} exp(i * Delta)``, ``n = trunc(t)``, and gives ``Delta``
+            ``mean over batch and pixels of s * (Qinv^T g) * (Q x)``; ``t`` gets none.
+            Summed in closed form on the device: no host synchronisation.
+    Returns:
+        ``(B, C, H, W)`` in ``x``'s dtype. Only the torch backend implements this op; the
+        others decline it (:class:`BackendUnavailable` with the reason when forced).
+    """
+    _checks.tensor("x", x, ndim=4)
+    _checks.decay_params(Q, S, x.shape[1], "x.shape[1]")
+    _checks.tensor("Qinv", Qinv, ndim=2)
+    if Qinv.shape != Q.shape:
+        raise ValueError(f"Qinv: expected the shape of Q {tuple(Q.shape)}; got {tuple(Qinv.shape)}")
+    _checks.same_device(x=x, Q=Q, Qinv=Qinv, S=S)
+    _decay_scalars(t, tau, alpha)
+    if backward not in ("exact", "neumann"):
+        raise ValueError(f"backward: expected 'exact' or 'neumann'; got {backward!r}")
+    if backward == "neumann":
+        _checks.scalar("t", t, allow_negative=False)
+    return _call("general_exp_decay", x.device.type, backend, lambda low: x.dtype if x.dtype == torch.float64 else low,
+                 x, Q, Qinv, S, t, tau, alpha, backward)
 
 
 def _call(op, device_type, backend, autocast_dtype, *args):

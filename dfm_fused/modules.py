@@ -41,7 +41,8 @@ class _DecayParameters(torch.nn.Module):
         self.alpha = torch.nn.Parameter(alpha * torch.ones(()), requires_grad=False)
         self.S = torch.nn.Parameter(torch.ones((filters,), dtype=torch.float32), requires_grad=False)
         self.Q = torch.nn.Parameter(torch.empty((filters, filters), dtype=torch.float32))
-        # Unused by the math (Q^T is Q's inverse); kept so reference checkpoints load.
+        # The output map with output_map="Qinv". Unused with "QT" (Q^T is Q's inverse there),
+        # but kept so reference checkpoints load.
         self.Qinv = torch.nn.Parameter(torch.empty((filters, filters), dtype=torch.float32))
         torch.nn.init.orthogonal_(self.Q)
         torch.nn.init.orthogonal_(self.Qinv)
@@ -64,16 +65,39 @@ class _DecayParameters(torch.nn.Module):
 
 
 class StateExpDecay(_DecayParameters):
-    """Drop-in for ``dfbmodels.state.StateExpDecay``: ``Q^T diag(exp(self.T * T * Delta)) Q x``.
+    """Drop-in for ``dfbmodels.state.StateExpDecay``: ``Q^T diag(exp(self.T * T * Delta)) Q x``;
+    with ``output_map="Qinv"``, for ``feedback_segmentation``'s: ``Qinv diag(...) Q x``.
 
     Args:
         filters: channels C. shape: spatial shape of the ``state`` attribute.
         tau: decay time constant (> 0). alpha: exponent of ``|S|``.
+        output_map: ``"QT"`` (dfbmodels): map back by ``Q^T``, ``Qinv`` unused, ``Q``
+            re-orthogonalised by QR when training at ``T == 0``; ``x`` and ``Q`` get
+            gradients, ``S`` none. ``"Qinv"`` (feedback_segmentation): map back by the
+            ``Qinv`` parameter, a general channel mix (initialised to ``Q^T``, then free);
+            no QR; ``x``, ``Q``, ``Qinv`` and ``S`` get gradients (``S`` trainable by default).
+        backward: ``"exact"`` (the derivative) or, only with ``output_map="Qinv"``,
+            ``"neumann"``: feedback_segmentation's Neumann-series surrogate, which is not
+            the derivative (see :func:`dfm_fused.functional.general_exp_decay`).
     Shapes: ``x`` (B, C, H, W) -> (B, C, H, W), in ``x``'s dtype.
     """
 
-    def __init__(self, filters: int, shape, tau: float = 0.1, alpha: float = 1.0):
+    def __init__(self, filters: int, shape, tau: float = 0.1, alpha: float = 1.0, *,
+                 output_map: str = "QT", backward: str = "exact"):
         super().__init__(filters, tau, alpha)
+        if output_map not in ("QT", "Qinv"):
+            raise ValueError(f"output_map: expected 'QT' or 'Qinv'; got {output_map!r}")
+        if backward not in ("exact", "neumann"):
+            raise ValueError(f"backward: expected 'exact' or 'neumann'; got {backward!r}")
+        if backward == "neumann" and output_map != "Qinv":
+            raise ValueError("backward: 'neumann' is feedback_segmentation's surrogate and needs output_map='Qinv'; "
+                             f"got output_map={output_map!r}")
+        self.output_map = output_map
+        self.backward = backward
+        if output_map == "Qinv":
+            with torch.no_grad():
+                self.Qinv.copy_(self.Q.t())
+            self.S.requires_grad_(True)
         self.state = torch.zeros((1, self.filters, *shape), requires_grad=False)
 
     def forward(self, x: torch.Tensor, T=5) -> torch.Tensor:
@@ -81,8 +105,14 @@ class StateExpDecay(_DecayParameters):
         if x.shape[1] != self.filters:
             raise ValueError(f"x: expected {self.filters} channels (filters); got {x.shape[1]}")
         _step_index("T", T)
+        if self.output_map == "Qinv":
+            return F.general_exp_decay(x, self.Q, self.Qinv, self.S, self.T * T, self.tau, self.alpha,
+                                       backward=self.backward)
         self._begin_step(T)
         return F.exp_decay(x, self.Q, self.S, self.T * T, self.tau, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"filters={self.filters}, output_map={self.output_map!r}, backward={self.backward!r}"
 
 
 class StateUpdate(_DecayParameters):

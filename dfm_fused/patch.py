@@ -1,17 +1,19 @@
-"""``patch(model)``: swap reference ``StateExpDecay`` modules for the fused one, in place."""
+"""``patch(model)``: swap decay modules for the fused one in place, only where it is exact."""
 from __future__ import annotations
 
-import torch
+import warnings
+
 from torch import nn
 
+from dfm_fused._patch_probe import NotExactError, exact_configuration, fused_like
 from dfm_fused.modules import StateExpDecay, StateUpdate
 
-__all__ = ["patch"]
+__all__ = ["NotExactError", "patch"]
 
 _DECAY_PARAMETERS = ("Q", "S", "tau", "alpha", "T")
 
 
-def _is_reference_decay(module: nn.Module) -> bool:
+def _is_decay_like(module: nn.Module) -> bool:
     """A ``StateExpDecay``-like module: parameters ``Q`` (C, C), ``S`` (C,), 0-d ``tau``, ``alpha``, ``T``."""
     if isinstance(module, (StateExpDecay, StateUpdate)):
         return False
@@ -25,56 +27,60 @@ def _is_reference_decay(module: nn.Module) -> bool:
     )
 
 
-def _fused_from(old: nn.Module) -> StateExpDecay:
-    """A fused module holding ``old``'s very Parameter objects (values, device, dtype, optimizer refs)."""
-    new = StateExpDecay.__new__(StateExpDecay)
-    nn.Module.__init__(new)
-    new.filters = old.Q.shape[0]
-    for name, param in old.named_parameters(recurse=False):
-        new.register_parameter(name, param)
-    if "Qinv" not in new._parameters:
-        new.register_parameter("Qinv", None)
-    new.state = getattr(old, "state", torch.zeros((1, new.filters), device=old.Q.device))
-    new.train(old.training)
-    return new
+def patch(model: nn.Module, strict: bool = True) -> dict[str, nn.Module]:
+    """Replace every ``StateExpDecay``-like submodule of ``model`` by an exact
+    :class:`dfm_fused.StateExpDecay`, in place, or refuse.
 
+    Candidates are modules with the parameters ``Q`` (C, C), ``S`` (C,) and 0-d ``tau``,
+    ``alpha`` and ``T``. Each is replaced only by a fused configuration shown to compute
+    what it computes (see :mod:`dfm_fused._patch_probe`): ``output_map="QT"`` for
+    ``dfbmodels.state.StateExpDecay`` (and :class:`dfm_fused.reference.StateExpDecay`),
+    ``output_map="Qinv", backward="neumann"`` for ``feedback_segmentation``'s
+    ``StateExpDecay``, ``output_map="Qinv"`` for a general mix with the exact backward.
+    The check runs on copies: ``model`` is not modified unless every candidate passes
+    (with ``strict=True``). The new module shares the old one's Parameter and buffer
+    objects (values, device, dtype, ``requires_grad``, optimizer references and
+    registration order are kept) and its ``state`` attribute. Works on models already
+    moved to a device and on ``torch.compile``d models (the ``_orig_mod`` is patched;
+    compiled code re-traces on its next call).
 
-def patch(model: nn.Module) -> dict[str, nn.Module]:
-    """Replace every reference-style ``StateExpDecay`` submodule of ``model`` by
-    :class:`dfm_fused.StateExpDecay`, in place.
-
-    A module qualifies when it has the parameters ``Q`` (C, C), ``S`` (C,) and 0-d
-    ``tau``, ``alpha`` and ``T`` (the reference ``dfbmodels.state.StateExpDecay``,
-    :class:`dfm_fused.reference.StateExpDecay`, or a copy). The new module shares
-    the old one's Parameter objects, so values, device, dtype, ``requires_grad``
-    and optimizer references are kept, as is its ``state`` attribute. Works on
-    models already moved to a device and on ``torch.compile``d models (the
-    ``_orig_mod`` is patched; compiled code re-traces on its next call).
-
+    Args:
+        model: the model to patch. strict: raise on a candidate that cannot be replaced
+            exactly (default); with ``strict=False``, warn and leave that module in place.
     Returns:
         ``{qualified name: replaced module}``, in ``named_modules`` order.
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``; ValueError: ``model`` itself is such a module
-        (it cannot be replaced in place; wrap it or construct the fused module instead).
+        TypeError: ``model`` is not an ``nn.Module``; ValueError: ``model`` itself is such a
+        module (it cannot be replaced in place; wrap it or construct the fused module instead);
+        NotExactError (a ValueError): ``strict`` and some candidate differs from every fused
+        configuration; the message names each such module, its class and what differs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module; got {type(model).__name__}")
-    if _is_reference_decay(model):
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected a bool; got {type(strict).__name__} {strict!r}")
+    if _is_decay_like(model):
         raise ValueError("model: is itself a StateExpDecay-like module and cannot be replaced in place; patch its parent")
-    replaced: dict[str, nn.Module] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not _is_reference_decay(module):
+    plans: dict[int, tuple[str, nn.Module, tuple[str, str]]] = {}
+    refusals = []
+    for name, module in model.named_modules():  # each module object once, under its first name
+        if not _is_decay_like(module):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if getattr(parent, child) is not module:
-            continue  # already swapped through another path to the same module
-        fused = _fused_from(module)
-        setattr(parent, child, fused)
-        replaced[name] = module
-        # Other registrations of the same module object (shared submodules) get the same replacement.
-        for other_name, other in list(model.named_modules(remove_duplicate=False)):
-            for child_name, grandchild in list(other._modules.items()):
-                if grandchild is module:
-                    setattr(other, child_name, fused)
-    return replaced
+        try:
+            plans[id(module)] = (name, module, exact_configuration(module))
+        except NotExactError as exc:
+            cls = type(module)
+            refusals.append(f"{name!r} ({cls.__module__}.{cls.__qualname__}): {exc}")
+    if refusals:
+        listing = "\n  ".join(refusals)
+        if strict:
+            raise NotExactError(f"patch: cannot replace exactly:\n  {listing}\n"
+                                "(patch(model, strict=False) leaves such modules in place; nothing was replaced)")
+        warnings.warn(f"patch: left in place, since it cannot replace them exactly:\n  {listing}", stacklevel=2)
+    fused = {key: fused_like(module, *configuration) for key, (_, module, configuration) in plans.items()}
+    # Every registration of a replaced module object (shared submodules included) gets its replacement.
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in fused and plans[id(child)][1] is child:
+                setattr(parent, child_name, fused[id(child)])
+    return {name: module for name, module, _ in plans.values()}

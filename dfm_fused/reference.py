@@ -20,6 +20,12 @@ __all__ = [
     "state_update",
 ]
 
+# The dispatch's reference backend is this module: it transcribes dfbmodels only.
+DECLINED = {
+    "general_exp_decay": "it transcribes dfbmodels, which has no general output map; the torch backend runs "
+    "general_exp_decay (its oracle is the feedback_segmentation transcription in tests/)",
+}
+
 
 class ExpDecay(torch.autograd.Function):
     """Elementwise ``z * exp(T * Delta)`` over channels.

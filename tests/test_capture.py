@@ -387,3 +387,41 @@ def test_inference_early_stop_matches_eager_and_reference(where):
     assert rel_err(logits, reference_logits) <= 1e-4
     if where == "never":
         assert infer.steps_run == T
+
+
+# ---------------------------------------------------------------- benchmark cases (no timing)
+
+def test_target_benchmark_cases_carry_the_issue_settings():
+    from dfm_fused.bench import cases as C
+    from dfm_fused.bench.e2e import target_e2e_cases
+
+    cases = target_e2e_cases("cuda")
+    settings = {(c.shape["mode"], c.B, c.image, c.T) for c in cases}
+    assert settings == {("train", 128, (64, 64), 5), ("eval", 8, (64, 64), 8), ("train", 64, (224, 224), 5)}
+    for setting in settings:
+        impls = sorted(c.impl for c in cases if (c.mode, c.B, c.image, c.T) == setting)
+        assert impls == sorted(["reference", "reference-compiled", "fused", "fused-nockpt", "graphed"]), setting
+    eval_case = next(c for c in cases if c.mode == "eval")
+    assert eval_case.shape == {"B": 8, "image": [64, 64], "T": 8, "mode": "eval"}
+    assert C.case_from_spec(eval_case.spec()) == eval_case
+    assert "eval" in eval_case.group and "eval" not in next(c for c in cases if c.mode == "train").group
+    assert {c.impl for c in target_e2e_cases("cpu")} == {"reference", "fused", "fused-nockpt"}
+
+
+def test_bench_cli_refuses_graphed_without_cuda_and_unknown_impls():
+    from dfm_fused.bench.__main__ import build_parser, plan
+
+    with pytest.raises(SystemExit, match="--e2e-impls graphed: CUDA graphs need a CUDA device"):
+        plan(build_parser().parse_args(["--device", "cpu", "--no-ops", "--e2e-impls", "reference,graphed"]))
+    with pytest.raises(SystemExit, match="--e2e-impls: expected some of .*; got 'jit'"):
+        plan(build_parser().parse_args(["--device", "cpu", "--no-ops", "--e2e-impls", "reference,jit"]))
+    _, cases, _ = plan(build_parser().parse_args(["--device", "cpu", "--no-ops", "--e2e-mode", "eval", "--T", "3"]))
+    assert {c.mode for c in cases} == {"eval"} and {c.T for c in cases} == {3}
+
+
+def test_busy_fraction_merges_overlapping_intervals():
+    from dfm_fused.bench.e2e import merged_length
+
+    assert merged_length([(0, 10), (5, 15), (20, 25)]) == 20
+    assert merged_length([(3, 4), (0, 10)]) == 10
+    assert merged_length([]) == 0

@@ -1,12 +1,16 @@
 """``dfm_fused.patch``: reference StateExpDecay modules swapped for the fused one in place."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import dfm_fused
 from dfm_fused import reference
 from tests._golden import rel_err
+
+from _feedback_segmentation import NeumannDecayStage, SegmentationStateExpDecay, TinyNeumannFeedback
 
 
 class _TinyReferenceDFM(torch.nn.Module):
@@ -100,3 +104,157 @@ def test_patch_rejects_bad_input():
         dfm_fused.patch("model")
     with pytest.raises(ValueError, match="parent"):
         dfm_fused.patch(reference.StateExpDecay(4, (2, 2)))
+
+
+# --- exact or refuse --------------------------------------------------------------------------
+
+def _delta(m):
+    return (1 / m.tau) * -1.0 * torch.abs(m.S) ** m.alpha
+
+
+def _pixels(matrix, x):
+    return torch.einsum("ij,bjhw->bihw", matrix, x)
+
+
+class _QinvMapWithQR(reference.StateExpDecay):
+    """dfbmodels' module, but mapping back by its Qinv parameter."""
+
+    def forward(self, x, T=5):
+        if self.training and T == 0:
+            self.reorthogonalize(self.Q)
+        return _pixels(self.Qinv, reference.ExpDecay.apply(_pixels(self.Q, x), self.T * T, _delta(self)))
+
+
+class _NoQR(reference.StateExpDecay):
+    """dfbmodels' module without the QR at training T == 0."""
+
+    def forward(self, x, T=5):
+        return reference.exp_decay(x, self.Q, self.S, self.T * T, self.tau, self.alpha)
+
+
+class _TrainableS(reference.StateExpDecay):
+    """dfbmodels' module with a trainable S that gets its derivative."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.S.requires_grad_(True)
+
+    def forward(self, x, T=5):
+        if self.training and T == 0:
+            self.reorthogonalize(self.Q)
+        D = torch.exp(self.T * T * _delta(self))
+        return _pixels(self.Q.t(), D[None, :, None, None] * _pixels(self.Q, x))
+
+
+class _SurrogateQT(reference.StateExpDecay):
+    """dfbmodels' module with feedback_segmentation's surrogate backward."""
+
+    def forward(self, x, T=5):
+        if self.training and T == 0:
+            self.reorthogonalize(self.Q)
+        return _pixels(self.Q.t(), NeumannDecayStage.apply(_pixels(self.Q, x), self.T * T, _delta(self)))
+
+
+class _Masked(SegmentationStateExpDecay):
+    """feedback_segmentation's randomly masked variant: a frozen 0/1 mask on Delta."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask = torch.nn.Parameter((torch.arange(self.filters) % 2).float(), requires_grad=False)
+
+    def forward(self, x, T=5):
+        delta = self.mask * (1 / self.tau) * -1.0 * torch.abs(self.S) ** self.alpha
+        return _pixels(self.Qinv, NeumannDecayStage.apply(_pixels(self.Q, x), self.T * T, delta))
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, *decays):
+        super().__init__()
+        self.decays = torch.nn.ModuleList(decays)
+
+
+@pytest.mark.parametrize("cls, says", [
+    (_QinvMapWithQR, "Q after the call"),
+    (_NoQR, "training at T=0: Q after the call differs"),
+    (_TrainableS, "grad of S exists only in the module's result"),
+    (_SurrogateQT, "grad of the input differs"),
+    (_Masked, "output differs"),
+])
+def test_patch_refuses_a_look_alike_naming_it_and_what_differs(cls, says):
+    torch.manual_seed(0)
+    model = _Holder(reference.StateExpDecay(6, (2, 2), tau=0.5), cls(6, (2, 2), tau=0.5))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    versions = {n: p._version for n, p in model.named_parameters()}
+    with pytest.raises(ValueError) as info:
+        dfm_fused.patch(model)
+    message = str(info.value)
+    assert f"'decays.1' ({cls.__module__}.{cls.__qualname__})" in message and says in message, message
+    assert "decays.0" not in message
+    # Nothing swapped (not even the exact one) and nothing written.
+    assert type(model.decays[0]) is reference.StateExpDecay and type(model.decays[1]) is cls
+    assert {n: p._version for n, p in model.named_parameters()} == versions
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.warns(UserWarning, match=r"(?s)left in place.*'decays.1'"):
+        replaced = dfm_fused.patch(model, strict=False)
+    assert list(replaced) == ["decays.0"] and type(model.decays[1]) is cls
+    assert isinstance(model.decays[0], dfm_fused.StateExpDecay)
+
+
+def test_patch_probe_leaves_rng_streams_and_grad_mode_alone():
+    torch.manual_seed(0)
+    model = _TinyReferenceDFM()
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        dfm_fused.patch(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.decay.Q.grad is None and model.body.weight.grad is None
+
+
+def _run_segmentation(model, x, T, train):
+    model.train(train)
+    model.zero_grad()
+    out = model(x, T)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_patch_replaces_feedback_segmentations_decay_exactly():
+    torch.manual_seed(0)
+    model = TinyNeumannFeedback()
+    twin = copy.deepcopy(model)
+    Q_before = model.error_head.Q.detach().clone()
+    assert (Q_before.t() @ Q_before - torch.eye(6)).norm() > 0.1  # Xavier: not orthogonal
+    replaced = dfm_fused.patch(model)
+    assert list(replaced) == ["h_class", "error_head"]
+    for name in replaced:
+        fused = model.get_submodule(name)
+        assert (fused.output_map, fused.backward) == ("Qinv", "neumann")
+        assert list(fused.state_dict()) == list(twin.get_submodule(name).state_dict())  # W kept, order kept
+    x = torch.randn(2, 3, 8, 8)
+    for train in (False, True):
+        for T in (1, 2, 5):
+            out, grads = _run_segmentation(model, x, T, train)
+            expected_out, expected_grads = _run_segmentation(twin, x, T, train)
+            assert rel_err(out, expected_out) < 1e-5
+            assert grads.keys() == expected_grads.keys() and {"error_head.Q", "error_head.Qinv"} <= grads.keys()
+            scale = max(g.norm() for g in expected_grads.values())
+            for name, g in expected_grads.items():  # biases before LayerNorms have ~0 gradients: absolute floor
+                assert (grads[name] - g).norm() <= 1e-5 * max(g.norm(), 1e-3 * scale), (train, T, name)
+    assert torch.equal(model.error_head.Q.detach(), Q_before)  # no QR touched it
+
+
+def test_patch_replaces_the_base_segmentation_module_with_trainable_S():
+    torch.manual_seed(0)
+    model = _Holder(SegmentationStateExpDecay(5, (2, 2), tau=0.5, alpha=1.5))
+    with torch.no_grad():
+        model.decays[0].S.uniform_(0.5, 1.5)
+    twin = copy.deepcopy(model)
+    dfm_fused.patch(model)
+    x = torch.randn(2, 5, 3, 3, requires_grad=True)
+    for T in (0, 3):
+        outs = [m.decays[0](x, T=T) for m in (model, twin)]
+        grads = [torch.autograd.grad(o.pow(2).sum(), (x, m.decays[0].S)) for o, m in zip(outs, (model, twin))]
+        assert rel_err(outs[0], outs[1]) < 1e-5
+        for got, want in zip(*grads):
+            assert rel_err(got, want) < 1e-5

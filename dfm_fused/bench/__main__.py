@@ -17,6 +17,8 @@ import torch
 
 from dfm_fused.bench import cases as C
 from dfm_fused.bench import measure, report, runner
+from dfm_fused.bench.e2e import IMPLS as E2E_ALL
+from dfm_fused.bench.e2e import target_e2e_cases
 
 
 def _csv(text: str) -> list[str]:
@@ -69,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end batch size (default: 64 on a GPU, 2 on the CPU and with --quick)")
     p.add_argument("--image", type=_ints, default=None,
                    help="end-to-end image size H,W (default: 224 on a GPU, 64 on the CPU, 32 with --quick)")
+    p.add_argument("--e2e-mode", choices=C.E2E_MODES, default="train",
+                   help="end-to-end: train (forward, backward, SGD step; default) or eval (forward without gradients)")
+    p.add_argument("--e2e-impls", type=_csv, default=None,
+                   help=f"end-to-end implementations, some of {', '.join(E2E_ALL)} (default: {', '.join(C.E2E_IMPLS)})")
+    p.add_argument("--targets", action="store_true",
+                   help="end-to-end: issue 14's settings (ResNet18-DFM: train B=128 64x64 T=5, eval B=8 64x64 T=8, "
+                        "train B=64 224x224 T=5), every implementation (or --e2e-impls); ignores --T, --batch, "
+                        "--image, --e2e-mode")
     p.add_argument("--no-ops", action="store_true", help="skip the op cases (only the end-to-end training step)")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step (only the op cases)")
     p.add_argument("--no-rss", action="store_true", help="skip the CPU peak-RSS subprocess")
@@ -139,7 +149,18 @@ def plan(args) -> tuple[str, list, list[str]]:
             B, image = args.batch or 2, args.image or [64, 64]
         if len(image) == 1:
             image = image * 2
-        cases += C.e2e_cases(device, model, Ts, B, image)
+        impls = args.e2e_impls or list(C.E2E_IMPLS)
+        for name in impls:
+            if name not in E2E_ALL:
+                raise SystemExit(f"--e2e-impls: expected some of {', '.join(E2E_ALL)}; got {name!r}")
+        if "reference" not in impls:
+            raise SystemExit("--e2e-impls: expected 'reference' among them (ratios are against it)")
+        if "graphed" in impls and device != "cuda":
+            raise SystemExit("--e2e-impls graphed: CUDA graphs need a CUDA device")
+        if args.targets:
+            cases += target_e2e_cases(device, impls=impls if args.e2e_impls else None)
+        else:
+            cases += C.e2e_cases(device, model, Ts, B, image, impls=impls, mode=args.e2e_mode)
     return device, cases, notes
 
 

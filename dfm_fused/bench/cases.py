@@ -9,8 +9,10 @@ same tensors from the same seed.
 Implementations (``impl``): ``reference`` (:mod:`dfm_fused.reference`, eager),
 ``compile`` (``torch.compile`` of the reference) and the dfm_fused backends
 (``torch``, ``cpp``, ``cuda``, ``triton``) forced with ``backend=``. End-to-end
-cases compare a reference model (plain graph over T steps) with the dfm_fused
-model with (``fused``) and without (``fused-nockpt``) the memory-saving unroll.
+cases compare a reference model (plain graph over T steps; ``reference-compiled``:
+its layers under ``torch.compile`` as shipped) with the dfm_fused model with
+(``fused``) and without (``fused-nockpt``) the memory-saving unroll, and with the
+whole iteration as one CUDA graph (``graphed``, :mod:`dfm_fused.bench.e2e`).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ OPS = ("exp_decay", "feedback_input", "state_update")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 E2E_IMPLS = ("reference", "fused", "fused-nockpt")
+E2E_MODES = ("train", "eval")
 REFERENCE_IMPLS = ("reference", "compile")
 
 
@@ -286,17 +289,18 @@ class E2ECase(_Case):
     image: tuple[int, int]
     dtype: str
     device: str
+    mode: str = "train"
 
     kind = "e2e"
 
     @property
     def group(self) -> str:
-        return f"e2e {self.model} T={self.T} B={self.B} {self.image[0]}x{self.image[1]} {self.dtype}"
-
+        mode = " eval" if self.mode == "eval" else ""
+        return f"e2e {self.model}{mode} T={self.T} B={self.B} {self.image[0]}x{self.image[1]} {self.dtype}"
 
     @property
     def shape(self):
-        return {"B": self.B, "image": list(self.image), "T": self.T}
+        return {"B": self.B, "image": list(self.image), "T": self.T, "mode": self.mode}
 
     def spec(self) -> dict:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -314,10 +318,17 @@ class E2ECase(_Case):
 
             kwargs = dict(fb_filters=16, n_classes=200, shape=self.image, tau=1.0)
             fused = models.ResNet18(**kwargs, checkpoint=checkpoint)
-            model = fused if self.impl != "reference" else models.reference.ReferenceResNet18(**kwargs)
+            reference = self.impl in ("reference", "reference-compiled")
+            model = models.reference.ReferenceResNet18(**kwargs) if reference else fused
         if model is not fused:
             model.load_state_dict(fused.state_dict())
-        return model.to(self.device).train()
+        if self.impl == "reference-compiled":
+            if self.model != "resnet18":
+                raise ValueError(f"reference-compiled: the reference ResNet DFM only; got model {self.model!r}")
+            from dfm_fused.bench.e2e import compile_as_shipped
+
+            compile_as_shipped(model)
+        return model.to(self.device).train(self.mode == "train")
 
     def build(self) -> Bench:
         device, dtype = torch.device(self.device), DTYPES[self.dtype]
@@ -325,18 +336,38 @@ class E2ECase(_Case):
         g = torch.Generator().manual_seed(_generator_seed(self.B, self.image))
         x = torch.randn(self.B, 3, *self.image, generator=g).to(device)
         labels = torch.randint(0, model.fc.out_features, (self.B,), generator=g).to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
+        persistent = [x, labels, *model.parameters(), *model.buffers()]
         autocast = _autocast(device, dtype)
+        # A training iteration ends with an SGD step, as the captured one does; gradients are
+        # dropped after it, so each iteration allocates them as autograd.grad would.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if self.mode == "train" else None
+        if self.impl == "graphed":
+            from dfm_fused.bench.e2e import graphed_forward
+
+            half = dtype if dtype in (torch.float16, torch.bfloat16) else None
+            return Bench(graphed_forward(self, model, optimizer, x, labels, half), None, persistent, device)
+        # The reference's early stop (atol=1e-2 by default) must not cut its T steps short:
+        # every implementation runs exactly T steps (the reference still reads sum|h| each step).
+        kwargs = {"atol": -1.0} if self.model == "resnet18" and self.impl.startswith("reference") else {}
+
+        if self.mode == "eval":
+            def forward():
+                with torch.no_grad(), autocast:
+                    return model(x, self.T, **kwargs)
+
+            return Bench(forward, None, persistent, device)
 
         def forward():
             with autocast:
-                logits = model(x, self.T)
+                logits = model(x, self.T, **kwargs)
             return torch.nn.functional.cross_entropy(logits.float(), labels)
 
         def backward(loss):
-            torch.autograd.grad(loss, params, allow_unused=True)  # Qinv is unused, as in the reference
+            loss.backward()  # Qinv gets no gradient, as in the reference
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        return Bench(forward, backward, [x, labels, *model.parameters(), *model.buffers()], device)
+        return Bench(forward, backward, persistent, device)
 
 
 def models_available() -> str | None:
@@ -349,8 +380,11 @@ def models_available() -> str | None:
     return None
 
 
-def e2e_cases(device_type: str, model: str, Ts, B: int, image, dtype: str = "float32", impls=E2E_IMPLS):
-    return [E2ECase(model, impl, T, B, tuple(image), dtype, device_type) for T in Ts for impl in impls]
+def e2e_cases(device_type: str, model: str, Ts, B: int, image, dtype: str = "float32", impls=E2E_IMPLS,
+              mode: str = "train"):
+    if mode not in E2E_MODES:
+        raise ValueError(f"mode: expected one of {E2E_MODES}; got {mode!r}")
+    return [E2ECase(model, impl, T, B, tuple(image), dtype, device_type, mode) for T in Ts for impl in impls]
 
 
 def case_from_spec(spec: dict):

@@ -51,10 +51,11 @@ def environment(device_type: str) -> dict:
 
 
 def _backend(case) -> str:
-    if case.impl in ("reference", "compile"):
+    if case.impl in ("reference", "compile", "reference-compiled"):
         return "reference" if case.impl == "reference" else "reference+torch.compile"
     if case.kind == "e2e":
-        return resolve("state_update", case.device)[0]
+        backend = resolve("state_update", case.device)[0]
+        return f"{backend}+cuda-graph" if case.impl == "graphed" else backend
     return case.impl
 
 

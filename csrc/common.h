@@ -49,17 +49,18 @@ void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offse
 
 // The op entry points, declared once for each device namespace.
 #define DFM_FUSED_DECLARE_OPS() \
-  at::Tensor exp_decay(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D); \
+  at::Tensor exp_decay(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D, bool scalar_decay); \
   std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad, const at::Tensor& x, \
                                                         const at::Tensor& Q, const at::Tensor& D, \
-                                                        bool need_x, bool need_Q); \
+                                                        bool need_x, bool need_Q, bool scalar_decay); \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h, const at::Tensor& y, \
                                                               const at::Tensor& Q, const at::Tensor& D, \
-                                                              int64_t groups, double eps); \
+                                                              int64_t groups, double eps, bool scalar_decay); \
   std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad, const at::Tensor& y, \
                                                            const at::Tensor& Q, const at::Tensor& D, \
                                                            const at::Tensor& mean, const at::Tensor& rstd, \
-                                                           int64_t groups, bool need_y, bool need_Q); \
+                                                           int64_t groups, bool need_y, bool need_Q, \
+                                                           bool scalar_decay); \
   DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS()
 
 #define DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS() \

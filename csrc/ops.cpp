@@ -55,12 +55,18 @@ void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offse
 }  // namespace dfm_fused
 
 TORCH_LIBRARY(dfm_fused, m) {
-  m.def("exp_decay(Tensor x, Tensor Q, Tensor D) -> Tensor");
-  m.def("exp_decay_backward(Tensor grad, Tensor x, Tensor Q, Tensor D, bool need_x, bool need_Q) -> (Tensor, Tensor)");
-  m.def("state_update(Tensor h, Tensor y, Tensor Q, Tensor D, int groups, float eps) -> (Tensor, Tensor, Tensor)");
+  // scalar_decay: Q is orthonormal and D uniform (SPEC section 7), so M = diag(D): a per-channel
+  // scale instead of a C x C product; grad_Q keeps the general closed form diag(D) Q (A + A^T).
+  m.def("exp_decay(Tensor x, Tensor Q, Tensor D, bool scalar_decay=False) -> Tensor");
+  m.def(
+      "exp_decay_backward(Tensor grad, Tensor x, Tensor Q, Tensor D, bool need_x, bool need_Q, "
+      "bool scalar_decay=False) -> (Tensor, Tensor)");
+  m.def(
+      "state_update(Tensor h, Tensor y, Tensor Q, Tensor D, int groups, float eps, bool scalar_decay=False) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "state_update_backward(Tensor grad, Tensor y, Tensor Q, Tensor D, Tensor mean, Tensor rstd, int groups, "
-      "bool need_y, bool need_Q) -> (Tensor, Tensor)");
+      "bool need_y, bool need_Q, bool scalar_decay=False) -> (Tensor, Tensor)");
   m.def("feedback_input(Tensor x, Tensor h, int offset, int fb, int groups, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "feedback_input_backward(Tensor grad, Tensor h, Tensor mean, Tensor rstd, int offset, int fb, int groups) "

@@ -23,7 +23,7 @@ from dfm_fused._dispatch import resolve
 __all__ = ["exp_decay", "feedback_input", "general_exp_decay", "state_update"]
 
 
-def exp_decay(x, Q, S, t, tau, alpha, *, backend: str | None = None) -> torch.Tensor:
+def exp_decay(x, Q, S, t, tau, alpha, *, scalar_decay: bool = False, backend: str | None = None) -> torch.Tensor:
     """``Q^T diag(exp(t * Delta)) Q x`` per pixel, ``Delta = -(1/tau) |S|**alpha``.
 
     Args:
@@ -31,8 +31,16 @@ def exp_decay(x, Q, S, t, tau, alpha, *, backend: str | None = None) -> torch.Te
         Q: ``(C, C)``; receives a gradient. S: ``(C,)``; receives none.
         t: step time (number or 0-d tensor); the reference module passes ``module.T * T``.
         tau: number or 0-d tensor, > 0. alpha: number or 0-d tensor.
+        scalar_decay: the caller's promise that ``Q`` is orthonormal and ``|S|**alpha`` uniform
+            (see below); nothing checks it.
     Returns:
         ``(B, C, H, W)`` in ``x``'s dtype.
+
+    With ``scalar_decay=True`` the op uses ``M = d I``, ``d = exp(t * Delta)`` (SPEC section 7):
+    ``out = d x`` with no C x C product, while ``grad_Q`` is still ``diag(D) Q (A + A^T)``,
+    ``A = sum x g^T``, the gradient of the general form at that ``Q``. Only the module that
+    re-orthogonalised ``Q`` itself can make the promise (:class:`dfm_fused.StateExpDecay`
+    does, until ``Q`` is written). The reference backend ignores the flag: it is the oracle.
     """
     _checks.tensor("x", x, ndim=4)
     _checks.decay_params(Q, S, x.shape[1], "x.shape[1]")
@@ -40,7 +48,7 @@ def exp_decay(x, Q, S, t, tau, alpha, *, backend: str | None = None) -> torch.Te
     _decay_scalars(t, tau, alpha)
     # Under autocast the reference's linear layers return the autocast dtype.
     return _call("exp_decay", x.device.type, backend, lambda low: x.dtype if x.dtype == torch.float64 else low,
-                 x, Q, S, t, tau, alpha)
+                 (x, Q, S, t, tau, alpha), _flag("scalar_decay", scalar_decay))
 
 
 def feedback_input(x, h, offset: int, fb: int, groups: int, eps: float = 1e-5, *, backend: str | None = None):
@@ -72,15 +80,17 @@ def feedback_input(x, h, offset: int, fb: int, groups: int, eps: float = 1e-5, *
     # Under autocast the reference's group_norm and softmax run in float32 and cat promotes.
     return _call("feedback_input", x.device.type, backend,
                  lambda low: torch.promote_types(torch.promote_types(x.dtype, h.dtype), torch.float32),
-                 x, h, offset, fb, groups, float(eps))
+                 (x, h, offset, fb, groups, float(eps)), False)
 
 
-def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, backend: str | None = None):
+def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, scalar_decay: bool = False,
+                 backend: str | None = None):
     """``h + Q^T diag(exp(t * Delta)) Q GroupNorm(y)`` per pixel.
 
     Args:
         h: ``(B, C, H, W)`` state. y: ``(B, C, H, W)`` body output.
-        Q, S, t, tau, alpha: as in :func:`exp_decay`.
+        Q, S, t, tau, alpha, scalar_decay: as in :func:`exp_decay` (with ``scalar_decay``,
+            ``out = h + d GroupNorm(y)`` and ``A = sum GroupNorm(y) g^T``).
         groups: GroupNorm groups, dividing ``C``. eps: GroupNorm epsilon.
     Returns:
         ``(B, C, H, W)`` in ``h``'s dtype. Gradients flow to ``h`` (identity), ``y`` and ``Q``.
@@ -97,7 +107,7 @@ def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, b
     _decay_scalars(t, tau, alpha)
     # Under autocast the reference adds the autocast-dtype decay output to h.
     return _call("state_update", h.device.type, backend, lambda low: torch.promote_types(h.dtype, low),
-                 h, y, Q, S, t, tau, alpha, groups, float(eps))
+                 (h, y, Q, S, t, tau, alpha, groups, float(eps)), _flag("scalar_decay", scalar_decay))
 
 
 def general_exp_decay(x, Q, Qinv, S, t, tau, alpha, *, backward: str = "exact", backend: str | None = None):
@@ -130,19 +140,27 @@ def general_exp_decay(x, Q, Qinv, S, t, tau, alpha, *, backward: str = "exact", 
     if backward == "neumann":
         _checks.scalar("t", t, allow_negative=False)
     return _call("general_exp_decay", x.device.type, backend, lambda low: x.dtype if x.dtype == torch.float64 else low,
-                 x, Q, Qinv, S, t, tau, alpha, backward)
+                 (x, Q, Qinv, S, t, tau, alpha, backward), False)
 
 
-def _call(op, device_type, backend, autocast_dtype, *args):
+def _call(op, device_type, backend, autocast_dtype, args, scalar_decay: bool):
     """Run ``op`` on the chosen backend. Under ``torch.autocast`` the result has the dtype
     the reference would return there, while the op itself keeps its float32 state math."""
     widest = functools.reduce(torch.promote_types, (a.dtype for a in args if isinstance(a, torch.Tensor)))
-    impl = resolve(op, device_type, backend, widest)[1]
+    name, impl = resolve(op, device_type, backend, widest)
+    if scalar_decay and name != "reference":
+        impl = functools.partial(impl, scalar_decay=True)
     if not torch.is_autocast_enabled(device_type):
         return impl(*args)
     with torch.autocast(device_type, enabled=False):
         out = impl(*args)
     return out.to(autocast_dtype(torch.get_autocast_dtype(device_type)))
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool; got {type(value).__name__} {value!r}")
+    return value
 
 
 def _decay_scalars(t, tau, alpha) -> None:

@@ -27,6 +27,19 @@ def _step_index(name: str, T):
     return T
 
 
+def _written_state(p: torch.Tensor) -> tuple:
+    """What changes whenever ``p``'s values may have: its version counter (bumped by every
+    in-place write, optimizer steps included) and its storage, dtype and device."""
+    return (p._version, p.data_ptr(), p.dtype, p.device)
+
+
+def _is_uniform(S: torch.Tensor) -> bool:
+    """Whether ``|S|`` (so ``|S|**alpha``) is one value."""
+    with torch.no_grad():
+        magnitude = S.detach().abs()
+        return bool((magnitude == magnitude[:1]).all())
+
+
 class _DecayParameters(torch.nn.Module):
     """The parameters of the exponential decay, registered as the reference registers them."""
 
@@ -46,6 +59,31 @@ class _DecayParameters(torch.nn.Module):
         self.Qinv = torch.nn.Parameter(torch.empty((filters, filters), dtype=torch.float32))
         torch.nn.init.orthogonal_(self.Q)
         torch.nn.init.orthogonal_(self.Qinv)
+        self._uniform_S = (_written_state(self.S), True)
+
+    def _apply(self, fn, *args, **kwargs):
+        # A move or cast maps equal values to equal ones: a uniform S stays uniform, and Q stays
+        # the QR's output when its dtype is kept (a cast rounds it to another precision).
+        uniform = self._known_uniform_S()
+        orthonormal = getattr(self, "_orthonormal_Q", None) == _written_state(self.Q)
+        dtype = self.Q.dtype
+        module = super()._apply(fn, *args, **kwargs)
+        if uniform is not None:
+            self._uniform_S = (_written_state(self.S), uniform)
+        if orthonormal and self.Q.dtype == dtype:
+            self._orthonormal_Q = _written_state(self.Q)
+        return module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        source = state_dict.get(prefix + "S")
+        if isinstance(source, torch.Tensor) and source.shape == self.S.shape:
+            # Judged on the checkpoint's copy (usually on the CPU): no device sync.
+            self._uniform_S = (_written_state(self.S), _is_uniform(source))
+
+    def _known_uniform_S(self) -> bool | None:
+        cached = getattr(self, "_uniform_S", None)
+        return cached[1] if cached is not None and cached[0] == _written_state(self.S) else None
 
     @staticmethod
     def reorthogonalize(p: torch.Tensor) -> None:
@@ -53,12 +91,36 @@ class _DecayParameters(torch.nn.Module):
         with torch.no_grad():
             p.copy_(torch.linalg.qr(p, mode="complete")[0])
 
-    def _begin_step(self, T) -> None:
+    def _begin_step(self, T) -> bool:
+        """Re-orthogonalise ``Q`` where the reference does; return whether the step may take
+        the scalar-decay path (``M = exp(t * Delta) I``, SPEC section 7)."""
         # The reference re-orthogonalises at the first step of every training
         # forward. A recomputation inside ``unroll``'s backward replays that step
         # and must not do it a second time.
         if self.training and T == 0 and not is_recomputing():
             self.reorthogonalize(self.Q)
+            self._orthonormal_Q = _written_state(self.Q)
+        return self._scalar_decay()
+
+    def _scalar_decay(self) -> bool:
+        """True while ``Q`` is the output of this module's own QR, unwritten since (an optimizer
+        step, ``load_state_dict`` or ``.to()`` changes its version or storage), and ``|S|`` is
+        uniform. Then ``Q^T Q = I`` to rounding and the decay is one number per step.
+
+        A replayed step inside ``unroll``'s backward sees the same ``Q`` and ``S`` as its
+        forward, so it decides the same. Under ``torch.compile`` the general path runs.
+        """
+        if torch.compiler.is_compiling():
+            return False
+        if getattr(self, "_orthonormal_Q", None) != _written_state(self.Q):
+            return False
+        uniform = self._known_uniform_S()
+        if uniform is None:
+            # S written in place since construction, load_state_dict or a move: read once
+            # (one host sync for a device S), then cached until S changes again.
+            uniform = _is_uniform(self.S)
+            self._uniform_S = (_written_state(self.S), uniform)
+        return uniform
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}"
@@ -108,8 +170,8 @@ class StateExpDecay(_DecayParameters):
         if self.output_map == "Qinv":
             return F.general_exp_decay(x, self.Q, self.Qinv, self.S, self.T * T, self.tau, self.alpha,
                                        backward=self.backward)
-        self._begin_step(T)
-        return F.exp_decay(x, self.Q, self.S, self.T * T, self.tau, self.alpha)
+        scalar = self._begin_step(T)
+        return F.exp_decay(x, self.Q, self.S, self.T * T, self.tau, self.alpha, scalar_decay=scalar)
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}, output_map={self.output_map!r}, backward={self.backward!r}"
@@ -140,8 +202,9 @@ class StateUpdate(_DecayParameters):
         if y.shape != h.shape:
             raise ValueError(f"y: expected the shape of h {tuple(h.shape)}; got {tuple(y.shape)}")
         _step_index("t", t)
-        self._begin_step(t)
-        return F.state_update(h, y, self.Q, self.S, self.T * t, self.tau, self.alpha, self.groups, self.eps)
+        scalar = self._begin_step(t)
+        return F.state_update(h, y, self.Q, self.S, self.T * t, self.tau, self.alpha, self.groups, self.eps,
+                              scalar_decay=scalar)
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}, groups={self.groups}, eps={self.eps}"

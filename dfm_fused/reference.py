@@ -52,9 +52,11 @@ class ExpDecay(torch.autograd.Function):
 
 def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
     # The reference module holds these as 0-d parameters of S's dtype.
+    # On the CPU whatever ``like``'s device: device kernels take 0-d CPU tensors as arguments,
+    # so a Python number costs no host-to-device copy (a synchronisation on CUDA).
     if isinstance(value, torch.Tensor):
         return value
-    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    return torch.tensor(float(value), dtype=like.dtype)
 
 
 def exp_decay(x, Q, S, t, tau, alpha):

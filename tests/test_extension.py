@@ -140,6 +140,25 @@ def test_state_update(shape, dtype, layout, device):
     _check_against_reference(state_update, reference.state_update, inputs, dtype, "state_update")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (3, 6, 7, 5), (21, 528, 2, 2), (2, 16, 21, 23)], ids=str)
+def test_scalar_decay(shape, dtype, layout, device):
+    """scalar_decay=True (Q orthonormal, S uniform) against the general reference: thin shapes (A by
+    groups of images on the CPU, uneven for 21 images), several tiles, every dtype and layout."""
+    exp_decay, _, state_update = _ops()
+    x, Q, S, t, tau, alpha = _decay_case(shape, dtype, device, layout)
+    S = torch.full_like(S, 0.8)
+    h = _layout(torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype), layout).requires_grad_()
+    groups = {4: 2, 6: 3, 16: 4, 528: 8}[shape[1]]
+    _check_against_reference(lambda *a: exp_decay(*a, scalar_decay=True), reference.exp_decay,
+                             (x, Q, S, t, tau, alpha), dtype, "exp_decay")
+    y = (x * 3 + 0.5).detach().requires_grad_()
+    _check_against_reference(lambda *a: state_update(*a, scalar_decay=True), reference.state_update,
+                             (h, y, Q, S, t, tau, alpha, groups, 1e-5), dtype, "state_update")
+
+
 # (x shape, h shape, offset, fb, groups): up- and down-sampling, 1x1, odd sizes, fb not a power of two.
 FEEDBACK_CASES = [
     ((1, 3, 1, 1), (1, 5, 1, 1), 1, 2, 1),
@@ -237,6 +256,11 @@ def _all_ops_once(device):
     h_thin = torch.randn(y_thin.shape, device=device, requires_grad=True)
     out, grads = _run(state_update, (h_thin, y_thin, Q_thin, S_thin, t, tau, alpha, 8, 1e-5))
     results += [out, *grads]
+    # The scalar-decay path there: grad_Q's A by groups of images.
+    out, grads = _run(lambda *a: state_update(*a, scalar_decay=True),
+                      (h_thin, y_thin, Q_thin, S_thin, t, tau, alpha, 8, 1e-5))
+    results += [out, *grads]
+    results += _run(lambda *a: exp_decay(*a, scalar_decay=True), (y_thin, Q_thin, S_thin, t, tau, alpha))[1]
     x = torch.randn(3, 8, 56, 56, device=device, requires_grad=True)
     hf = torch.randn(3, 24, 7, 7, device=device, requires_grad=True)
     out, grads = _run(feedback_input, (x, hf, 8, 16, 8, 1e-5))
@@ -272,11 +296,14 @@ def test_opcheck_fake_and_autograd_registrations(layout, device):
     g = _layout(torch.randn(2, C, 5, 4, device=device), layout)
     Q = torch.randn(C, C, device=device).t().detach().requires_grad_()  # column-major, as QR returns it
     D = torch.rand(C, device=device)
-    torch.library.opcheck(ops.exp_decay, (x, Q, D))
-    torch.library.opcheck(ops.exp_decay_backward, (g, x.detach(), Q.detach(), D, True, True))
-    out, mean, rstd = ops.state_update(h, x, Q, D, groups, 1e-5)
-    torch.library.opcheck(ops.state_update, (h, x, Q, D, groups, 1e-5))
-    torch.library.opcheck(ops.state_update_backward, (g, x.detach(), Q.detach(), D, mean, rstd, groups, True, True))
+    for scalar in (False, True):
+        torch.library.opcheck(ops.exp_decay, (x, Q, D, scalar))
+        torch.library.opcheck(ops.exp_decay_backward, (g, x.detach(), Q.detach(), D, True, True, scalar))
+        out, mean, rstd = ops.state_update(h, x, Q, D, groups, 1e-5, scalar)
+        torch.library.opcheck(ops.state_update, (h, x, Q, D, groups, 1e-5, scalar))
+        torch.library.opcheck(
+            ops.state_update_backward, (g, x.detach(), Q.detach(), D, mean, rstd, groups, True, True, scalar)
+        )
     xs = _layout(torch.randn(2, 3, 5, 4, device=device), layout).requires_grad_()
     hs = _layout(torch.randn(2, 7, 3, 2, device=device), layout).requires_grad_()
     out, mean, rstd = ops.feedback_input(xs, hs, 1, 4, 2, 1e-5)

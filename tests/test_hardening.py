@@ -231,3 +231,84 @@ def test_property_ops_match_reference(data, B, groups, per_group, H, W, t, dtype
         (xf, h),
         fb // f_groups * xf.shape[-1] * xf.shape[-2],
     )
+
+
+class _HostTransfers(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that copy host data to a device or read a device value back to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in leaves(out) if isinstance(o, torch.Tensor)]
+        copies = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+        if copies and any(a.device.type == "cpu" for a in inputs) and any(o.device.type != "cpu" for o in outputs):
+            self.seen.append(str(func))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("scalar_decay", [False, True])
+def test_no_host_device_copy_in_forward_on_fake_cuda(backend, scalar_decay):
+    """CPU proxy of the GPU sync check: on fake CUDA tensors the forward of each op copies nothing
+    from the host to the device (Python scalars stay 0-d CPU tensors, which device kernels take as
+    arguments) and reads nothing back."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    decay = {} if backend == "reference" else {"scalar_decay": scalar_decay}
+    with FakeTensorMode():
+        Q = torch.empty(8, 8, device="cuda", requires_grad=True)
+        S = torch.ones(8, device="cuda")
+        x = torch.empty(2, 8, 3, 3, device="cuda", requires_grad=True)
+        h = torch.empty(2, 8, 3, 3, device="cuda", requires_grad=True)
+        xf = torch.empty(2, 3, 5, 6, device="cuda", requires_grad=True)
+        with _HostTransfers() as transfers:
+            dfm_fused.exp_decay(x, Q, S, 2.0, 0.5, 1.0, backend=backend, **decay)
+            dfm_fused.state_update(h, x, Q, S, 1.0, 0.5, 1.0, 4, backend=backend, **decay)
+            dfm_fused.feedback_input(xf, h, 2, 4, 2, backend=backend)
+    assert transfers.seen == []
+
+
+def _cuda_backends():
+    if not torch.cuda.is_available():
+        return [pytest.param("none", marks=pytest.mark.skip(reason="no CUDA device"))]
+    return [b for b in dfm_fused.available_backends("cuda")]
+
+
+@pytest.mark.parametrize("backend", _cuda_backends())
+@pytest.mark.parametrize("scalar_decay", [False, True])
+def test_ops_do_not_sync_with_the_host_on_cuda(backend, scalar_decay):
+    """Forward and backward of every op under torch.cuda.set_sync_debug_mode("error"), at the
+    operating point's shapes (SPEC section 7): no blocking copy, no synchronisation."""
+    decay = {} if backend == "reference" else {"scalar_decay": scalar_decay}
+    dev = "cuda"
+    Q = torch.linalg.qr(torch.randn(528, 528, device=dev))[0].requires_grad_()
+    S = torch.ones(528, device=dev)
+    h = torch.randn(8, 528, 2, 2, device=dev, requires_grad=True)
+    y = torch.randn(8, 528, 2, 2, device=dev, requires_grad=True)
+    x = torch.randn(8, 64, 16, 16, device=dev, requires_grad=True)
+    t = torch.tensor(2.0, device=dev)
+
+    def run():
+        out = dfm_fused.state_update(h, y, Q, S, t, 0.1, 1.0, 8, backend=backend, **decay)
+        out = out + dfm_fused.exp_decay(y, Q, S, 3.0, 0.1, 1.0, backend=backend, **decay)
+        fed = dfm_fused.feedback_input(x, out, 512, 16, 8, backend=backend)
+        return torch.autograd.grad(out.sum() + fed.sum(), (h, y, Q, x))
+
+    expected = run()  # warm-up: autotuning and lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)

@@ -7,7 +7,7 @@ import torch
 import dfm_fused
 from dfm_fused import reference
 
-from _helpers import assert_close, decay_args
+from _helpers import assert_close, decay_args, rel_err
 
 
 def _pair(filters=20, shape=(5, 7), tau=0.7):
@@ -124,3 +124,133 @@ def test_module_deepcopy_and_device_move_keep_values():
     clone = clone.double()
     x = torch.randn(1, 20, 5, 7, dtype=torch.float64)
     assert clone(x, T=1).dtype == torch.float64
+
+
+def _record_scalar_decay(monkeypatch):
+    """The ``scalar_decay`` flag of every decay op call the modules make, in order."""
+    seen = []
+    for name in ("exp_decay", "state_update"):
+        original = getattr(dfm_fused.functional, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(kwargs.get("scalar_decay", False))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(dfm_fused.functional, name, spy)
+    return seen
+
+
+def _update_pair(C=24, groups=4, tau=0.7):
+    fused = dfm_fused.StateUpdate(C, groups, tau=tau)
+    ref = reference.StateExpDecay(C, (1, 1), tau=tau)
+    ref.load_state_dict(fused.state_dict())
+    return ref, fused
+
+
+def _check_update(ref, fused, t, groups=4):
+    """fused(h, y, t) against h + ref(GroupNorm(y), t): output and the gradients of h, y and Q."""
+    h = torch.randn(3, fused.filters, 2, 2, requires_grad=True)
+    y = torch.randn(3, fused.filters, 2, 2, requires_grad=True)
+    out = fused(h, y, t)
+    expected = h + ref(torch.nn.functional.group_norm(y, groups, eps=fused.eps), T=t)
+    assert_close(out, expected, torch.float32, f"t={t} out")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (h, y, fused.Q), g)
+    want = torch.autograd.grad(expected, (h, y, ref.Q), g)
+    for name, a, e in zip(("h", "y", "Q"), got, want):
+        assert_close(a, e, torch.float32, f"t={t} grad_{name}")
+
+
+def test_scalar_decay_only_while_Q_is_the_modules_own_qr(monkeypatch):
+    """Training: the QR at t=0 makes Q orthonormal, so every step takes the scalar path and
+    matches the reference. An in-place change of Q (an optimizer step, a 1e-3 perturbation) or a
+    fresh module that never ran its QR takes the general path, and still matches."""
+    seen = _record_scalar_decay(monkeypatch)
+    ref, fused = _update_pair()
+    fused.eval()
+    ref.eval()
+    _check_update(ref, fused, 1)  # Q from orthogonal_(), not from this module's QR
+    assert seen == [False]
+    fused.train()
+    ref.train()
+    for t in range(3):
+        _check_update(ref, fused, t)
+    assert seen[1:] == [True, True, True]
+    torch.testing.assert_close(fused.Q, ref.Q, rtol=0, atol=0)
+    # An optimizer-like step of 1e-3: general path, in training (t > 0) and in eval.
+    with torch.no_grad():
+        step = 1e-3 * torch.randn_like(fused.Q)
+        fused.Q.add_(step)
+        ref.Q.add_(step)
+    _check_update(ref, fused, 2)
+    fused.eval()
+    ref.eval()
+    _check_update(ref, fused, 1)
+    assert seen[4:] == [False, False]
+    # The next training forward re-orthogonalises at t=0: scalar again.
+    fused.train()
+    ref.train()
+    _check_update(ref, fused, 0)
+    assert seen[6:] == [True]
+
+
+def test_scalar_decay_after_an_optimizer_step_is_off():
+    """Eval after a training step with SGD: Q moved, and the output is the reference's, which the
+    scalar formula would miss by far more than float32 rounding."""
+    ref, fused = _update_pair()
+    opt = torch.optim.SGD([fused.Q], lr=0.1)
+    h, y = torch.randn(2, 24, 2, 2), torch.randn(2, 24, 2, 2)
+    fused(h, y, 0).square().sum().backward()
+    opt.step()
+    fused.eval()
+    ref.load_state_dict(fused.state_dict())
+    ref.eval()
+    n = torch.nn.functional.group_norm(y, 4, eps=fused.eps)
+    out = fused(h, y, 1)
+    assert_close(out, h + ref(n, T=1), torch.float32, "eval after a step")
+    scalar = h + torch.exp(torch.tensor(-1 / 0.7)) * n
+    assert rel_err(out, scalar) > 1e-4
+
+
+def test_scalar_decay_needs_uniform_S(monkeypatch):
+    seen = _record_scalar_decay(monkeypatch)
+    ref, fused = _pair()  # S uniform in [0.5, 1.5)
+    x = torch.randn(2, 20, 5, 7)
+    assert_close(fused(x, T=0), ref(x, T=0), torch.float32, "T=0")
+    assert_close(fused(x, T=2), ref(x, T=2), torch.float32, "T=2")
+    with torch.no_grad():
+        fused.S.fill_(1.3)
+        ref.S.fill_(1.3)
+    assert_close(fused(x, T=1), ref(x, T=1), torch.float32, "uniform S")
+    assert seen == [False, False, True]
+
+
+def test_scalar_decay_decision_is_the_same_in_unroll_replays(monkeypatch):
+    """unroll(checkpoint=True) replays each step in backward: it must take the same path as in
+    the forward (the replay skips the QR, but Q is unchanged), and the gradients must equal
+    those of the plain graph."""
+    seen = _record_scalar_decay(monkeypatch)
+    torch.manual_seed(0)
+    update = dfm_fused.StateUpdate(16, 4, tau=0.5)
+    body = torch.nn.Conv2d(16, 16, 1)
+    model = torch.nn.ModuleList([update, body])
+    h0 = torch.randn(2, 16, 2, 2)
+    Q0 = update.Q.detach().clone()
+
+    def step(x, h, t):
+        return update(h, body(h), t)
+
+    results = {}
+    for checkpoint in (False, True):
+        with torch.no_grad():
+            update.Q.copy_(Q0)
+        seen.clear()
+        hT = dfm_fused.unroll(step, None, h0, 3, checkpoint=checkpoint, module=model)
+        forward = list(seen)
+        grads = torch.autograd.grad(hT.square().sum(), (update.Q, body.weight))
+        results[checkpoint] = (forward, list(seen[len(forward):]), grads)
+    forward, replays, grads = results[True]
+    assert forward == [True, True, True]
+    assert replays == [True, True]  # steps 1 and 0 replayed (the last one keeps its graph)
+    for a, e in zip(grads, results[False][2]):
+        assert_close(a, e, torch.float32)

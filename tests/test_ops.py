@@ -5,7 +5,7 @@ import torch
 import dfm_fused
 from dfm_fused import reference
 
-from _helpers import TOLERANCE, assert_close, cpu_backends, decay_args, grads
+from _helpers import TOLERANCE, assert_close, cpu_backends, decay_args, grads, rel_err
 
 SHAPES = [(1, 12, 1, 1), (3, 20, 7, 5), (2, 36, 4, 4), (1, 8, 16, 16)]
 DTYPES = [torch.float32, torch.float64]
@@ -138,3 +138,115 @@ def test_half_precision_inputs_keep_their_dtype(backend):
         assert out.dtype == dtype
         assert_close(out, reference.exp_decay(x.float(), Q, S, 1.0, 1.0, 1.0).to(dtype), dtype, "half x")
     assert TOLERANCE[torch.bfloat16] >= TOLERANCE[torch.float16]
+
+
+def _skip_float64(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes no float64")
+
+
+def _uniform_decay(C, dtype):
+    """An orthonormal Q (QR in float64, then rounded) and a uniform S: the scalar-decay promise."""
+    Q, _ = decay_args(C, dtype)
+    return Q, torch.full((C,), 0.8, dtype=dtype)
+
+
+# (3, 40, 2, 2): fewer pixels than channels, as at the operating point (SPEC section 7).
+SCALAR_SHAPES = [((3, 40, 2, 2), 8), ((2, 12, 5, 7), 3), ((1, 6, 1, 1), 2)]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape,groups", SCALAR_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_scalar_decay_matches_reference_on_orthonormal_Q(backend, shape, groups, dtype, layout):
+    """With the promise kept, the scalar path equals the general reference, gradients of Q included."""
+    _skip_float64(backend, dtype)
+    Q, S = _uniform_decay(shape[1], dtype)
+    h = _layout(torch.randn(shape, dtype=dtype), layout).requires_grad_()
+    y = _layout(3 * torch.randn(shape, dtype=dtype) + 1, layout).requires_grad_()
+    g = torch.randn(shape, dtype=dtype)
+    args = (h, y, Q, S, 2.0, 0.9, 0.8, groups, 1e-5)
+    out = dfm_fused.state_update(*args, scalar_decay=True, backend=backend)
+    expected = reference.state_update(*args)
+    assert out.dtype == h.dtype
+    assert_close(out, expected, dtype, "state_update")
+    for name, a, e in zip(("h", "y", "Q"), grads(out, (h, y, Q), g), grads(expected, (h, y, Q), g)):
+        assert_close(a, e, dtype, f"state_update grad_{name}")
+    out = dfm_fused.exp_decay(y, Q, S, 2.0, 0.9, 0.8, scalar_decay=True, backend=backend)
+    expected = reference.exp_decay(y, Q, S, 2.0, 0.9, 0.8)
+    assert_close(out, expected, dtype, "exp_decay")
+    for name, a, e in zip(("x", "Q"), grads(out, (y, Q), g), grads(expected, (y, Q), g)):
+        assert_close(a, e, dtype, f"exp_decay grad_{name}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_scalar_decay_computes_d_times_x_whatever_Q(backend):
+    """The flag really selects the scalar path: on a Q that is not orthonormal the output is
+    exp(t * Delta) x (the promise broken), not the reference's M x, which is 3%+ away."""
+    C = 24
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    Q, S = _uniform_decay(C, dtype)
+    with torch.no_grad():
+        Q.add_(1e-2 * torch.randn(C, C, dtype=dtype))
+    x = torch.randn(3, C, 2, 3, dtype=dtype)
+    h = torch.randn(3, C, 2, 3, dtype=dtype)
+    t, tau = 2.0, 0.5
+    d = torch.exp(torch.tensor(-t / tau * 0.8, dtype=dtype))
+    out = dfm_fused.exp_decay(x, Q, S, t, tau, 1.0, scalar_decay=True, backend=backend)
+    assert_close(out, d * x, dtype, "exp_decay")
+    assert rel_err(reference.exp_decay(x, Q, S, t, tau, 1.0), d * x) > 1e-2
+    n = torch.nn.functional.group_norm(x, 4, eps=1e-5)
+    out = dfm_fused.state_update(h, x, Q, S, t, tau, 1.0, 4, 1e-5, scalar_decay=True, backend=backend)
+    assert_close(out, h + d * n, dtype, "state_update")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_scalar_decay_gradcheck_float64(backend):
+    """Exact gradients of the scalar path w.r.t. the activations (its output does not depend on
+    Q; grad_Q is the general path's, checked against it above and in test_scalar_decay_grad_Q_*)."""
+    _skip_float64(backend, torch.float64)
+    Q, S = _uniform_decay(6, torch.float64)
+    Q = Q.detach()
+    x = torch.randn(2, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    thin = torch.randn(1, 6, 1, 2, dtype=torch.float64, requires_grad=True)
+    for a in (x, thin):
+        assert torch.autograd.gradcheck(
+            lambda x: dfm_fused.exp_decay(x, Q, S, 2.0, 0.5, 1.0, scalar_decay=True, backend=backend), (a,)
+        )
+    assert torch.autograd.gradcheck(
+        lambda h, y: dfm_fused.state_update(h, y, Q, S, 1.0, 0.5, 1.0, 3, 1e-5, scalar_decay=True, backend=backend),
+        (h, x),
+    )
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape", [(4, 30, 2, 2), (2, 8, 6, 5)])
+def test_scalar_decay_grad_Q_equals_general_path_float64(backend, shape):
+    """On a Q that is exactly orthonormal (float64 QR), grad_Q of the scalar path is the general
+    path's to float64 rounding, itself checked by finite differences in test_gradcheck_float64."""
+    _skip_float64(backend, torch.float64)
+    C = shape[1]
+    Q, S = _uniform_decay(C, torch.float64)
+    y = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64)
+    for scalar in (True, False):
+        out = dfm_fused.state_update(torch.zeros_like(y), y, Q, S, 1.0, 0.5, 1.0, 2, scalar_decay=scalar,
+                                     backend=backend)
+        (grad,) = torch.autograd.grad(out, Q, g)
+        out = dfm_fused.exp_decay(y, Q, S, 1.0, 0.5, 1.0, scalar_decay=scalar, backend=backend)
+        (grad_e,) = torch.autograd.grad(out, Q, g)
+        if scalar:
+            fast, fast_e = grad, grad_e
+    assert_close(fast, grad, torch.float64, "state_update grad_Q")
+    assert_close(fast_e, grad_e, torch.float64, "exp_decay grad_Q")
+
+
+def test_scalar_decay_flag_must_be_a_bool():
+    Q, S = _uniform_decay(4, torch.float32)
+    x = torch.randn(1, 4, 2, 2)
+    with pytest.raises(TypeError, match="scalar_decay: expected a bool; got int 1"):
+        dfm_fused.exp_decay(x, Q, S, 1.0, 1.0, 1.0, scalar_decay=1)
+    with pytest.raises(TypeError, match="scalar_decay: expected a bool"):
+        dfm_fused.state_update(x, x, Q, S, 1.0, 1.0, 1.0, 2, scalar_decay="yes")

@@ -3,6 +3,10 @@
 //
 // With few pixels (fewer than channels) M is not formed; see thin_forward below.
 //
+// scalar_decay (SPEC section 7: Q orthonormal, D uniform, so M = diag(D)): M is replaced by
+// the (C,) vector D, a per-channel scale (tile_apply), and A = sum a g^T for grad_Q is one GEMM
+// per group of images (grad_Q_by_images) where the tiles would be too thin for a fast GEMM.
+//
 // Each op is one parallel pass over pixel tiles: load (and normalise) a tile into an
 // L2-resident float buffer, apply M with ATen's blocked GEMM, and write the result with
 // the epilogue fused (cast, + h). Backward does M g, the GroupNorm partial sums and
@@ -107,7 +111,7 @@ void group_stats(const Tiling& t, const scalar_t* y, int64_t groups, double eps,
   });
 }
 
-// out = M (x, or GroupNorm(x) when mean is given) [+ add], tile by tile.
+// out = M (x, or GroupNorm(x) when mean is given) [+ add], tile by tile. M: C x C, or (C,) for diag.
 template <bool CL, typename scalar_t, typename acc_t>
 void apply_matrix(const Tiling& t, const at::Tensor& M, const scalar_t* x, const acc_t* mean, const acc_t* rstd,
                   int64_t groups, const scalar_t* add, scalar_t* out) {
@@ -122,7 +126,7 @@ void apply_matrix(const Tiling& t, const at::Tensor& M, const scalar_t* x, const
         last_b = b;
       }
       load_tile<CL>(t, b, p0, n, x, mean ? sub.data() : nullptr, mul.data(), in.data());
-      tile_matmul(t, n, M, in.data(), res.data());
+      tile_apply(t, n, M, in.data(), res.data());
       store_tile<CL>(t, b, p0, n, res.data(), add, out);
     }
   });
@@ -154,7 +158,7 @@ void backward_pass(const Tiling& t, const scalar_t* g, const scalar_t* a, const 
         load_tile<CL>(t, b, p0, n, g, static_cast<const acc_t*>(nullptr), mul.data(), bg.data());
         if (need_a) load_tile<CL>(t, b, p0, n, a, mean ? sub.data() : nullptr, mul.data(), ba.data());
         if (M.defined()) {
-          tile_matmul(t, n, M, bg.data(), bm.data());
+          tile_apply(t, n, M, bg.data(), bm.data());
           store_tile<CL>(t, b, p0, n, bm.data(), static_cast<const out_t*>(nullptr), gM);
         }
         if (tile_sums != nullptr) {
@@ -266,6 +270,36 @@ void store_columns(at::Tensor& a, int64_t b, int64_t n, const at::Tensor& cols) 
   a.narrow(0, b, n).copy_(cols.view({a.size(1), n, -1}).transpose(0, 1));
 }
 
+// The fixed chunks of image groups that own one partial C x C sum each.
+int64_t image_group_chunks(const ImageGroups& groups) { return std::min(kChunks, groups.count); }
+
+// Calls f(chunk k, first image b, images n) for each group of images, in parallel over the
+// image_group_chunks(groups) chunks, each chunk's groups in order on one thread.
+template <typename F>
+void for_image_group_chunks(const ImageGroups& groups, F&& f) {
+  const int64_t chunks = image_group_chunks(groups);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t begin, end;
+      chunk_range(groups.count, chunks, k, begin, end);
+      for (int64_t i = begin; i < end; ++i) f(k, groups.begin(i), groups.images(i));
+    }
+  });
+}
+
+// Scalar-decay grad_Q = diag(D) Q (A + A^T), A = sum a g^T: one GEMM per group of images, partial
+// sums per fixed chunk. a, g: (B, C, P) in the math dtype.
+at::Tensor grad_Q_by_images(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a_, const at::Tensor& g_) {
+  // Detached: worker threads do not inherit the caller's autograd exclusion.
+  const at::Tensor a = a_.detach(), g = g_.detach();
+  const ImageGroups groups(g.size(0), g.size(2));
+  at::Tensor parts = at::zeros({image_group_chunks(groups), Q.size(0), Q.size(0)}, g.options());
+  for_image_group_chunks(groups, [&](int64_t k, int64_t b, int64_t n) {
+    parts[k].addmm_(group_columns(a, b, n), group_columns(g, b, n).t());
+  });
+  return grad_Q_from_parts(parts, Q.detach(), D.detach());
+}
+
 // Q^T diag(D) Q a per pixel; a: (B, C, P) in the math dtype, as is the result.
 at::Tensor thin_apply(const at::Tensor& Q_, const at::Tensor& D_, const at::Tensor& a) {
   // Detached: worker threads do not inherit the caller's autograd exclusion.
@@ -288,23 +322,16 @@ std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q_, cons
                                                       const at::Tensor& g, bool need_a, bool need_Q) {
   const at::Tensor Q = Q_.detach(), Qt = Q.t(), D = D_.detach().unsqueeze(1);
   const ImageGroups groups(g.size(0), g.size(2));
-  const int64_t chunks = std::min(kChunks, groups.count);
   at::Tensor grad_a = need_a ? at::empty_like(g) : at::Tensor();
-  at::Tensor parts = need_Q ? at::zeros({chunks, Q.size(0), Q.size(0)}, g.options()) : at::Tensor();
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      int64_t begin, end;
-      chunk_range(groups.count, chunks, k, begin, end);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = groups.begin(i), n = groups.images(i);
-        const at::Tensor gi = group_columns(g, b, n);
-        const at::Tensor DQg = at::mm(Q, gi).mul_(D);
-        if (need_a) store_columns(grad_a, b, n, at::mm(Qt, DQg));
-        if (need_Q) {
-          const at::Tensor ai = group_columns(a, b, n);
-          parts[k].addmm_(at::mm(Q, ai).mul_(D), gi.t()).addmm_(DQg, ai.t());
-        }
-      }
+  at::Tensor parts =
+      need_Q ? at::zeros({image_group_chunks(groups), Q.size(0), Q.size(0)}, g.options()) : at::Tensor();
+  for_image_group_chunks(groups, [&](int64_t k, int64_t b, int64_t n) {
+    const at::Tensor gi = group_columns(g, b, n);
+    const at::Tensor DQg = at::mm(Q, gi).mul_(D);
+    if (need_a) store_columns(grad_a, b, n, at::mm(Qt, DQg));
+    if (need_Q) {
+      const at::Tensor ai = group_columns(a, b, n);
+      parts[k].addmm_(at::mm(Q, ai).mul_(D), gi.t()).addmm_(DQg, ai.t());
     }
   });
   return {grad_a, need_Q ? sum_chunks(parts) : at::Tensor()};
@@ -318,18 +345,18 @@ at::Tensor thin_normalize(const at::Tensor& y3, const at::Tensor& mean, const at
 
 }  // namespace
 
-at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D) {
+at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D, bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   const at::Tensor x = x_.contiguous(layout_of(x_));
   const Tiling t = tiling_of(x);
   at::Tensor out = empty_output(x.sizes(), x.options(), layout_of(x));
   if (x.numel() == 0) return out;
-  if (thin_forward(t)) {
+  if (!scalar_decay && thin_forward(t)) {
     out.copy_(thin_apply(Q, D, as_bcp(x, Q.scalar_type())).view(x.sizes()));
     return out;
   }
-  const at::Tensor M = decay_matrix(Q, D);
+  const at::Tensor M = scalar_decay ? D.contiguous() : decay_matrix(Q, D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_exp_decay", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_layout(t.cl, [&](auto cl) {
@@ -343,7 +370,7 @@ at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, const at::Tensor& x_,
                                                       const at::Tensor& Q, const at::Tensor& D, bool need_x,
-                                                      bool need_Q) {
+                                                      bool need_Q, bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   TORCH_CHECK(grad_.sizes() == x_.sizes() && grad_.scalar_type() == x_.scalar_type(),
@@ -354,7 +381,13 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
   at::Tensor grad_x = need_x ? empty_output(x.sizes(), x.options(), fmt) : at::empty({0}, x.options());
   at::Tensor grad_Q = at::empty({0}, Q.options());
   if (!need_x && !need_Q) return {grad_x, grad_Q};
-  if (x.numel() > 0 && thin_backward(t)) {
+  // Scalar decay with thin tiles: A by images after the pass, not per tile in it.
+  const bool A_by_images = scalar_decay && need_Q && x.numel() > 0 && thin_backward(t);
+  if (A_by_images) {
+    grad_Q = grad_Q_by_images(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()));
+    need_Q = false;
+  }
+  if (!scalar_decay && x.numel() > 0 && thin_backward(t)) {
     auto [gx, gQ] = thin_backward_math(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()), need_x, need_Q);
     if (need_x) grad_x.copy_(gx.view(x.sizes()));
     if (need_Q) grad_Q = gQ;
@@ -362,8 +395,8 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
   }
   const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, t.num_tiles()));
   at::Tensor parts = need_Q ? at::zeros({chunks, t.C, t.C}, Q.options()) : at::Tensor();
-  const at::Tensor M = need_x ? decay_matrix(Q, D) : at::Tensor();
-  if (x.numel() > 0) {
+  const at::Tensor M = need_x ? (scalar_decay ? D.contiguous() : decay_matrix(Q, D)) : at::Tensor();
+  if (x.numel() > 0 && (need_x || need_Q)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_exp_decay_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       dispatch_layout(t.cl, [&](auto cl) {
@@ -380,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
                                                             const at::Tensor& Q, const at::Tensor& D, int64_t groups,
-                                                            double eps) {
+                                                            double eps, bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_state_update_args(h_, y_, Q, D, groups);
   const auto fmt = layout_of(h_);
@@ -389,8 +422,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
   at::Tensor out = empty_output(h.sizes(), h.options(), fmt);
   at::Tensor mean = empty_output({t.B, groups}, Q.options()), rstd = empty_output({t.B, groups}, Q.options());
   if (h.numel() == 0) return {out, mean, rstd};
-  const bool thin = thin_forward(t);
-  const at::Tensor M = thin ? at::Tensor() : decay_matrix(Q, D);
+  const bool thin = !scalar_decay && thin_forward(t);
+  const at::Tensor M = thin ? at::Tensor() : (scalar_decay ? D.contiguous() : decay_matrix(Q, D));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dfm_fused_state_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     group_stats(t, y.const_data_ptr<scalar_t>(), groups, eps, mean.mutable_data_ptr<acc_t>(),
@@ -412,7 +445,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
 std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_, const at::Tensor& y_,
                                                          const at::Tensor& Q, const at::Tensor& D,
                                                          const at::Tensor& mean_, const at::Tensor& rstd_,
-                                                         int64_t groups, bool need_y, bool need_Q) {
+                                                         int64_t groups, bool need_y, bool need_Q,
+                                                         bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_args(y_, Q, D);
   TORCH_CHECK(grad_.sizes() == y_.sizes() && grad_.scalar_type() == y_.scalar_type(),
@@ -427,7 +461,14 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
     if (need_Q) grad_Q = at::zeros_like(Q);
     return {grad_y, grad_Q};
   }
-  if (thin_backward(t)) {
+  // Scalar decay with thin tiles: A by images, not per tile in the pass below.
+  if (scalar_decay && need_Q && thin_backward(t)) {
+    grad_Q = grad_Q_by_images(Q, D, thin_normalize(as_bcp(y, Q.scalar_type()), mean, rstd, groups),
+                              as_bcp(grad, Q.scalar_type()));
+    need_Q = false;
+    if (!need_y) return {grad_y, grad_Q};
+  }
+  if (!scalar_decay && thin_backward(t)) {
     const at::Tensor y3 = as_bcp(y, Q.scalar_type());  // converted once, for GroupNorm and its backward
     auto [gn, gQ] = thin_backward_math(Q, D, thin_normalize(y3, mean, rstd, groups), as_bcp(grad, Q.scalar_type()),
                                        need_y, need_Q);
@@ -445,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
   // M g is kept in float until the GroupNorm backward reads it; for float32/64 it lives in grad_y.
   const bool in_place = y.scalar_type() == Q.scalar_type();
   at::Tensor gn = need_y ? (in_place ? grad_y : at::empty(y.sizes(), Q.options().memory_format(fmt))) : at::Tensor();
-  const at::Tensor M = need_y ? decay_matrix(Q, D) : at::Tensor();
+  const at::Tensor M = need_y ? (scalar_decay ? D.contiguous() : decay_matrix(Q, D)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_state_update_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_layout(t.cl, [&](auto cl) {

@@ -57,10 +57,27 @@ inline at::Tensor tile_view(const Tiling& t, int64_t n, const acc_t* buf) {
   return t.cl ? at::from_blob(data, {t.C, n}, {1, t.C}, options) : at::from_blob(data, {t.C, n}, {t.tile, 1}, options);
 }
 
-// out = M in for one tile of n pixels (M: C x C). ATen's blocked GEMM reads the strided
-// views in place; inside at::parallel_for it runs single-threaded on this thread's tile.
+// out = M in for one tile of n pixels. M is C x C, or a (C,) vector d standing for diag(d) (the
+// scalar-decay path, where the decay is a per-channel scale and no GEMM runs). ATen's blocked
+// GEMM reads the strided views in place; inside at::parallel_for it runs single-threaded on
+// this thread's tile.
 template <typename acc_t>
-inline void tile_matmul(const Tiling& t, int64_t n, const at::Tensor& M, const acc_t* in, acc_t* out) {
+inline void tile_apply(const Tiling& t, int64_t n, const at::Tensor& M, const acc_t* in, acc_t* out) {
+  if (M.dim() == 1) {
+    const acc_t* d = M.const_data_ptr<acc_t>();
+    if (t.cl) {
+      for (int64_t p = 0; p < n; ++p) {
+#pragma omp simd
+        for (int64_t c = 0; c < t.C; ++c) out[p * t.C + c] = in[p * t.C + c] * d[c];
+      }
+    } else {
+      for (int64_t c = 0; c < t.C; ++c) {
+#pragma omp simd
+        for (int64_t p = 0; p < n; ++p) out[c * t.tile + p] = in[c * t.tile + p] * d[c];
+      }
+    }
+    return;
+  }
   at::Tensor result = tile_view(t, n, out);
   at::mm_out(result, M, tile_view(t, n, in));
 }

@@ -4,7 +4,9 @@
 // channel_matmul applies the C x C matrix per pixel as a tiled GEMM (64 channels x 64
 // pixels per block, K-steps of 16 through shared memory, 4 x 4 results per thread) with the
 // GroupNorm prologue and the "+ h" epilogue fused; pixels are read and written four at a
-// time (16-byte accesses for float32). grad_Q's A = sum x g^T is a separate reduction:
+// time (16-byte accesses for float32). With scalar_decay (Q orthonormal, D uniform: M = diag(D),
+// SPEC section 7) channel_scale_kernel applies D per element instead, with the same prologue
+// and epilogue. grad_Q's A = sum x g^T is a separate reduction:
 // per-chunk partial tiles, then a fixed-order sum over chunks, so it is deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -112,6 +114,22 @@ __global__ void __launch_bounds__(THREADS)
       }
     }
   }
+}
+
+// out[b, c, p] = D[c] in[b, c, p] (+ add[b, c, p]), in = x or (x - mean) * rstd per group: the
+// channel map diag(D) of the scalar-decay path. One thread per element; all NCHW-contiguous.
+template <typename scalar_t, typename acc_t, typename out_t, bool NORM, bool ADD>
+__global__ void channel_scale_kernel(const acc_t* __restrict__ D, const scalar_t* __restrict__ x,
+                                     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, int cpg,
+                                     int groups, const scalar_t* __restrict__ add, out_t* __restrict__ out, int C,
+                                     int64_t HW, int64_t total) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= total) return;
+  const int64_t bc = e / HW;
+  const int c = static_cast<int>(bc % C);
+  acc_t v = load_in<scalar_t, acc_t, NORM>(x, e, mean, rstd, (bc / C) * groups + c / cpg) * D[c];
+  if constexpr (ADD) v += static_cast<acc_t>(add[e]);
+  out[e] = static_cast<out_t>(v);
 }
 
 // part[s, i, j] = sum over pixels q of chunk s of a(q, i) g(q, j); q runs over (b, p) and a is
@@ -244,12 +262,22 @@ bool vec_ok(int64_t HW, std::initializer_list<const at::Tensor*> tensors) {
   return true;
 }
 
-// out = M (x or GroupNorm(x)) (+ add); all NCHW-contiguous.
+// out = M (x or GroupNorm(x)) (+ add); all NCHW-contiguous. M: C x C, or (C,) standing for diag(M).
 template <typename scalar_t, typename out_t, bool NORM, bool ADD>
 void launch_matmul(const at::Tensor& M, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                    int64_t groups, const at::Tensor& add, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  if (M.dim() == 1) {
+    channel_scale_kernel<scalar_t, acc_t, out_t, NORM, ADD>
+        <<<blocks_for(x.numel(), 256), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            M.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), NORM ? mean.const_data_ptr<acc_t>() : nullptr,
+            NORM ? rstd.const_data_ptr<acc_t>() : nullptr, static_cast<int>(C / groups), static_cast<int>(groups),
+            ADD ? add.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<out_t>(), static_cast<int>(C), HW,
+            x.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const dim3 grid(blocks_for(HW, BN), blocks_for(C, BM), static_cast<unsigned>(B));
   const bool vec = vec_ok(HW, {&x, &add, &out});
   channel_matmul_kernel<scalar_t, acc_t, out_t, NORM, ADD><<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -284,20 +312,25 @@ at::Tensor grad_Q_of(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
   return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
 }
 
+// The channel map applied per pixel: M = Q^T diag(D) Q, or just D (for diag(D)) with scalar_decay.
+at::Tensor channel_map(const at::Tensor& Q, const at::Tensor& D, bool scalar_decay) {
+  return scalar_decay ? D.contiguous() : decay_matrix(Q, D);
+}
+
 at::Tensor to_layout(const at::Tensor& t, at::MemoryFormat fmt) {
   return fmt == at::MemoryFormat::Contiguous ? t : t.contiguous(fmt);
 }
 
 }  // namespace
 
-at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D) {
+at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor& D, bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
   at::Tensor out = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return to_layout(out, layout_of(x_));
-  const at::Tensor M = decay_matrix(Q, D);
+  const at::Tensor M = channel_map(Q, D, scalar_decay);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dfm_fused_exp_decay_cuda", [&] {
     launch_matmul<scalar_t, scalar_t, false, false>(M, x, at::Tensor(), at::Tensor(), 1, at::Tensor(), out);
   });
@@ -306,7 +339,7 @@ at::Tensor exp_decay(const at::Tensor& x_, const at::Tensor& Q, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, const at::Tensor& x_,
                                                       const at::Tensor& Q, const at::Tensor& D, bool need_x,
-                                                      bool need_Q) {
+                                                      bool need_Q, bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_args(x_, Q, D);
   TORCH_CHECK(grad_.sizes() == x_.sizes() && grad_.scalar_type() == x_.scalar_type(),
@@ -323,8 +356,8 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
                                   [&] {
     if (need_x) {
       grad_x = empty_output(x.sizes(), x.options());
-      launch_matmul<scalar_t, scalar_t, false, false>(decay_matrix(Q, D), grad, at::Tensor(), at::Tensor(), 1,
-                                                      at::Tensor(), grad_x);
+      launch_matmul<scalar_t, scalar_t, false, false>(channel_map(Q, D, scalar_decay), grad, at::Tensor(),
+                                                      at::Tensor(), 1, at::Tensor(), grad_x);
       grad_x = to_layout(grad_x, layout_of(x_));
     }
     if (need_Q) grad_Q = grad_Q_of<scalar_t, false>(x, grad, at::Tensor(), at::Tensor(), 1, Q, D);
@@ -334,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
                                                             const at::Tensor& Q, const at::Tensor& D, int64_t groups,
-                                                            double eps) {
+                                                            double eps, bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_state_update_args(h_, y_, Q, D, groups);
   const c10::cuda::CUDAGuard guard(h_.device());
@@ -343,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
   at::Tensor out = empty_output(h.sizes(), h.options());
   at::Tensor mean = empty_output({B, groups}, Q.options()), rstd = empty_output({B, groups}, Q.options());
   if (h.numel() == 0) return {to_layout(out, layout_of(h_)), mean, rstd};
-  const at::Tensor M = decay_matrix(Q, D);
+  const at::Tensor M = channel_map(Q, D, scalar_decay);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_state_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     group_stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * groups), STAT_THREADS, 0,
@@ -359,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
 std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_, const at::Tensor& y_,
                                                          const at::Tensor& Q, const at::Tensor& D,
                                                          const at::Tensor& mean_, const at::Tensor& rstd_,
-                                                         int64_t groups, bool need_y, bool need_Q) {
+                                                         int64_t groups, bool need_y, bool need_Q,
+                                                         bool scalar_decay) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_args(y_, Q, D);
   TORCH_CHECK(grad_.sizes() == y_.sizes() && grad_.scalar_type() == y_.scalar_type(),
@@ -380,8 +414,8 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
     auto stream = c10::cuda::getCurrentCUDAStream();
     if (need_y) {
       at::Tensor gn = at::empty(y.sizes(), Q.options());
-      launch_matmul<scalar_t, acc_t, false, false>(decay_matrix(Q, D), grad, at::Tensor(), at::Tensor(), 1,
-                                                   at::Tensor(), gn);
+      launch_matmul<scalar_t, acc_t, false, false>(channel_map(Q, D, scalar_decay), grad, at::Tensor(),
+                                                   at::Tensor(), 1, at::Tensor(), gn);
       at::Tensor c1 = at::empty({B, groups}, Q.options()), c2 = at::empty({B, groups}, Q.options());
       group_grad_sums_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * groups), STAT_THREADS, 0, stream>>>(
           gn.const_data_ptr<acc_t>(), y.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),

@@ -54,9 +54,17 @@ def concat_grad_x(grad_out: torch.Tensor, channels: int, dtype: torch.dtype) -> 
 
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=like.dtype)
-    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    """``value`` as a 0-d tensor of ``like``'s dtype, without a host-device copy.
+
+    Python numbers become 0-d CPU tensors, which device kernels take as arguments (no
+    copy to the device, so no synchronisation); so do 0-d CPU tensors. Device tensors
+    stay where they are.
+    """
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=like.dtype)
+    if value.device.type == "cpu" and value.dim() == 0:
+        return value.to(dtype=like.dtype)
+    return value.to(device=like.device, dtype=like.dtype)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -131,13 +139,22 @@ def _pixels(x: torch.Tensor) -> int:
     return x.shape[0] * x.shape[2] * x.shape[3]
 
 
-def decay_forward(Q: torch.Tensor, D: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def channel_scale(D: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``D[c] * x[:, c]`` in ``dtype``: the decay ``M = diag(D)`` of the scalar path (``D`` uniform)."""
+    return x.to(dtype) * D.to(dtype)[:, None, None]
+
+
+def decay_forward(Q: torch.Tensor, D: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                  scalar: bool = False) -> torch.Tensor:
     """``Q^T diag(D) Q x`` per pixel in ``dtype``, by the cheaper of two GEMM orders.
 
     Forming ``M`` costs ``2 C^3`` flops and applying it ``2 P C^2`` (P pixels);
     applying ``Q``, ``D`` and ``Q^T`` in turn costs ``4 P C^2``. So ``M`` is formed
-    only when there are at least as many pixels as channels.
+    only when there are at least as many pixels as channels. ``scalar``: ``Q`` is
+    orthonormal and ``D`` uniform, so ``M = diag(D)`` and no GEMM runs.
     """
+    if scalar:
+        return channel_scale(D, x, dtype)
     C = Q.shape[0]
     if _pixels(x) >= C:
         return apply_channel_matrix(decay_matrix(Q, D, dtype), x)
@@ -145,14 +162,22 @@ def decay_forward(Q: torch.Tensor, D: torch.Tensor, x: torch.Tensor, dtype: torc
     return apply_channel_matrix(Q.t(), D.to(dtype)[:, None, None] * apply_channel_matrix(Q, x))
 
 
-def decay_backward(Q, D, x, g, dtype, need_x: bool, need_Q: bool):
+def decay_backward(Q, D, x, g, dtype, need_x: bool, need_Q: bool, scalar: bool = False):
     """``(M g, diag(D) Q (A + A^T))`` with ``A = sum x g^T``, each only if needed, in ``dtype``.
 
     With few pixels (``6 P < 4 C``, by the same flop count as :func:`decay_forward`)
     neither ``M`` nor ``A`` is formed: ``grad_Q = sum (D*Qx) g^T + (D*Qg) x^T``.
+    ``scalar`` (as in :func:`decay_forward`): ``M g = D g``; ``A`` is always formed, one
+    GEMM instead of four.
     """
     C = Q.shape[0]
     grad_x = grad_Q = None
+    if scalar:
+        if need_x:
+            grad_x = channel_scale(D, g, dtype)
+        if need_Q:
+            grad_Q = decay_grad_Q(Q, D, channel_outer(x.to(dtype), g))
+        return grad_x, grad_Q
     if 6 * _pixels(x) >= 4 * C:
         if need_x:
             grad_x = apply_channel_matrix(decay_matrix(Q, D, dtype), g)

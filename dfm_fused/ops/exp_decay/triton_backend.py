@@ -1,7 +1,8 @@
 """``exp_decay`` in Triton: ``out = M x`` per pixel with one fused GEMM kernel.
 
 ``M = Q^T diag(D) Q`` (C x C) is formed once per call in float32 with PyTorch and
-handed to the kernel in the dot operand dtype (the input's half type, or float32).
+handed to the kernel in the dot operand dtype (the input's half type, or float32);
+with ``scalar_decay`` ``M = diag(D)`` and an elementwise kernel scales the channels.
 Forward saves only its inputs; backward runs the same kernel on the incoming
 gradient (``grad_x = M g``, M is symmetric) and the split-pixel outer-product
 kernel for ``A = sum x g^T``, then ``grad_Q = diag(D) Q (A + A^T)``.
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import autocast_off, decay_grad_Q, decay_matrix, decay_vector
-from dfm_fused.ops.exp_decay.triton_kernels import channel_matmul, channel_outer
+from dfm_fused.ops.common import autocast_off, decay_grad_Q, decay_vector
+from dfm_fused.ops.exp_decay.triton_kernels import channel_outer, decay_map
 from dfm_fused.ops.triton_utils import check_dtype, dot_dtype
 
 
@@ -26,10 +27,11 @@ class ExpDecayTriton(torch.autograd.Function):
     """x: (B, C, H, W) float16/bfloat16/float32; Q: (C, C); D: (C,) float32. Returns x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, Q, D):
+    def forward(ctx, x, Q, D, scalar):
         x = x.contiguous()
+        ctx.scalar = scalar
         ctx.save_for_backward(x, Q, D)
-        return channel_matmul(x, decay_matrix(Q, D, torch.float32).to(dot_dtype(x)), x.dtype)
+        return decay_map(x, Q, D, scalar, x.dtype)
 
     @staticmethod
     @autocast_off
@@ -38,14 +40,14 @@ class ExpDecayTriton(torch.autograd.Function):
         g = grad_out.contiguous()
         grad_x = grad_Q = None
         if ctx.needs_input_grad[0]:
-            grad_x = channel_matmul(g, decay_matrix(Q, D, torch.float32).to(dot_dtype(g)), x.dtype)
+            grad_x = decay_map(g, Q, D, ctx.scalar, x.dtype)
         if ctx.needs_input_grad[1]:
             grad_Q = decay_grad_Q(Q, D, channel_outer(x, g, dot_dtype(x, g)))
-        return grad_x, grad_Q, None
+        return grad_x, grad_Q, None, None
 
 
-def exp_decay(x, Q, S, t, tau, alpha):
+def exp_decay(x, Q, S, t, tau, alpha, scalar_decay=False):
     """See :func:`dfm_fused.functional.exp_decay`."""
     check_dtype("x", x)
     check_dtype("Q", Q)
-    return ExpDecayTriton.apply(x, Q, decay_vector(S, t, tau, alpha))
+    return ExpDecayTriton.apply(x, Q, decay_vector(S, t, tau, alpha), scalar_decay)

@@ -7,6 +7,9 @@ spatial sizes (7x7) still fill whole tiles. Element ``(b, c, s)`` sits at
 
 - :func:`channel_matmul`: ``out[:, n] = M @ norm(x[:, n]) (+ h[:, n])`` with the optional
   per-(image, channel) affine ``norm(x) = x * scale + shift`` (GroupNorm) and residual.
+- :func:`channel_scale`: ``out = D[c] * norm(x) (+ h)``, the same for ``M = diag(D)`` (the
+  scalar-decay path, SPEC section 7), elementwise.
+- :func:`decay_map`: one of the two for the decay ``M = Q^T diag(D) Q``.
 - :func:`channel_outer`: ``A = sum_n norm(x[:, n]) g[:, n]^T``, split over pixel ranges
   into partial C x C sums that are added in a fixed order (deterministic, no atomics).
 """
@@ -16,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.triton_utils import autotune_configs, dot_precision, new_output, prune_configs
+from dfm_fused.ops.common import decay_matrix
+from dfm_fused.ops.triton_utils import autotune_configs, dot_dtype, dot_precision, new_output, prune_configs
 
 
 @triton.jit
@@ -89,6 +93,20 @@ def channel_matmul_kernel(
     if HAS_RESIDUAL:
         b_acc += tl.load(h + p_out, mask=m_out, other=0.0).to(tl.float32)
     tl.store(out + p_out, b_acc.to(out.dtype.element_ty), mask=m_out)
+
+
+@triton.jit(do_not_specialize=["TOTAL", "HW"])
+def channel_scale_kernel(x, d, h, scale, shift, out, TOTAL, HW, C,
+                         HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """x, h, out: (B, C, HW); d: (C,) float32; scale, shift: (B, C) float32. One block of elements."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = o < TOTAL
+    i_bc = o // HW
+    b_out = _load_normalized(x + o, scale + i_bc, shift + i_bc, mask, HAS_NORM)
+    b_out = b_out * tl.load(d + i_bc % C, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        b_out += tl.load(h + o, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + o, b_out.to(out.dtype.element_ty), mask=mask)
 
 
 def _outer_configs():
@@ -189,6 +207,35 @@ def channel_matmul(x, M, out_dtype, h=None, scale=None, shift=None) -> torch.Ten
         INPUT_PRECISION=dot_precision() if M.dtype == torch.float32 else "tf32",
     )
     return out
+
+
+_SCALE_BLOCK = 1024
+
+
+def channel_scale(x, D, out_dtype, h=None, scale=None, shift=None) -> torch.Tensor:
+    """``D[c] * norm(x) (+ h)``: :func:`channel_matmul` for ``M = diag(D)``, one elementwise kernel.
+
+    Args:
+        x: (B, C, H, W) contiguous. D: (C,) float32. Others as in :func:`channel_matmul`.
+    """
+    B, C, H, W = x.shape
+    out = new_output(x.shape, out_dtype, x.device)
+    if x.numel() == 0:
+        return out
+    channel_scale_kernel[(triton.cdiv(x.numel(), _SCALE_BLOCK),)](
+        x, D, x if h is None else h, D if scale is None else scale, D if shift is None else shift, out,
+        x.numel(), H * W, C,
+        HAS_NORM=scale is not None, HAS_RESIDUAL=h is not None, BLOCK=_SCALE_BLOCK,
+    )
+    return out
+
+
+def decay_map(x, Q, D, scalar: bool, out_dtype, h=None, scale=None, shift=None) -> torch.Tensor:
+    """``M norm(x) (+ h)`` per pixel for the decay ``M = Q^T diag(D) Q``; with ``scalar`` (``Q``
+    orthonormal, ``D`` uniform) ``M = diag(D)``. Arguments as in :func:`channel_matmul`."""
+    if scalar:
+        return channel_scale(x, D.to(torch.float32), out_dtype, h, scale, shift)
+    return channel_matmul(x, decay_matrix(Q, D, torch.float32).to(dot_dtype(x)), out_dtype, h, scale, shift)
 
 
 def _split_len(N: int, C: int, device) -> int:

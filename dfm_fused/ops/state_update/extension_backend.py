@@ -3,7 +3,8 @@
 The op returns ``(h + M GroupNorm(y), mean, rstd)``; the GroupNorm statistics
 (``B x groups``) are all it saves besides its inputs. Backward
 (``torch.ops.dfm_fused.state_update_backward``) recomputes the normalised ``y`` and ``M``
-and gives ``grad_y`` and ``grad_Q`` in one fused pass plus a GroupNorm epilogue;
+and gives ``grad_y`` and ``grad_Q`` in one fused pass plus a GroupNorm epilogue (with
+``scalar_decay``, ``M = diag(D)``: no C x C product but ``A`` for ``grad_Q``);
 ``grad_h`` is the incoming gradient. Loaded only after :func:`dfm_fused._extension.require` succeeded.
 """
 from __future__ import annotations
@@ -15,23 +16,23 @@ from dfm_fused.ops.common import compute_dtype, decay_vector
 
 
 @torch.library.register_fake("dfm_fused::state_update")
-def _state_update_fake(h, y, Q, D, groups, eps):
+def _state_update_fake(h, y, Q, D, groups, eps, scalar_decay=False):
     stats = Q.new_empty((h.shape[0], groups))
     return torch.empty_like(h, memory_format=memory_format_of(h)), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("dfm_fused::state_update_backward")
-def _state_update_backward_fake(grad, y, Q, D, mean, rstd, groups, need_y, need_Q):
+def _state_update_backward_fake(grad, y, Q, D, mean, rstd, groups, need_y, need_Q, scalar_decay=False):
     grad_y = torch.empty_like(y, memory_format=memory_format_of(grad)) if need_y else y.new_empty((0,))
     grad_Q = Q.new_empty(Q.shape) if need_Q else Q.new_empty((0,))
     return grad_y, grad_Q
 
 
 def _setup_context(ctx, inputs, output):
-    h, y, Q, D, groups, eps = inputs
+    h, y, Q, D, groups, eps, scalar_decay = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.groups = groups
+    ctx.groups, ctx.scalar_decay = groups, scalar_decay
     ctx.save_for_backward(y, Q, D, mean, rstd)
 
 
@@ -41,19 +42,19 @@ def _backward(ctx, grad, _grad_mean, _grad_rstd):
     grad_y = grad_Q = None
     if need_y or need_Q:
         grad_y, grad_Q = torch.ops.dfm_fused.state_update_backward(
-            grad, y, Q, D, mean, rstd, ctx.groups, need_y, need_Q
+            grad, y, Q, D, mean, rstd, ctx.groups, need_y, need_Q, ctx.scalar_decay
         )
-    return grad if need_h else None, grad_y if need_y else None, grad_Q if need_Q else None, None, None, None
+    return grad if need_h else None, grad_y if need_y else None, grad_Q if need_Q else None, None, None, None, None
 
 
 torch.library.register_autograd("dfm_fused::state_update", _backward, setup_context=_setup_context)
 
 
-def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5):
+def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5, scalar_decay=False):
     """See :func:`dfm_fused.functional.state_update`. h, y: (B, C, H, W); Q: (C, C); S: (C,)."""
     dtype = compute_dtype(h, y, Q)
     act = dtype if dtype == torch.float64 else torch.promote_types(h.dtype, y.dtype)
     out, _, _ = torch.ops.dfm_fused.state_update(
-        h.to(act), y.to(act), Q.to(dtype), decay_vector(S, t, tau, alpha).to(dtype), groups, eps
+        h.to(act), y.to(act), Q.to(dtype), decay_vector(S, t, tau, alpha).to(dtype), groups, eps, scalar_decay
     )
     return out.to(h.dtype)

@@ -10,13 +10,13 @@ import torch
 from dfm_fused.ops.common import as_dtype, autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
 
 
-def group_norm_stats(y: torch.Tensor, groups: int, eps: float):
-    """``(normalised y, mean, rstd)``; mean and rstd are ``(B, groups)`` in y's dtype."""
+def group_norm_stats(y: torch.Tensor, groups: int, eps: float, weight: torch.Tensor | None = None):
+    """``(weight * normalised y, mean, rstd)``; mean and rstd are ``(B, groups)`` in y's dtype."""
     B, C, H, W = y.shape
     # torch 2.11's CPU kernel rejects inputs dense in neither NCHW nor NHWC (2.14's takes them).
     if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
         y = y.contiguous()
-    return torch.ops.aten.native_group_norm(y, None, None, B, C, H * W, groups, eps)
+    return torch.ops.aten.native_group_norm(y, weight, None, B, C, H * W, groups, eps)
 
 
 def group_normalize(y, mean, rstd, groups):
@@ -26,26 +26,34 @@ def group_normalize(y, mean, rstd, groups):
     return ((y5 - mean.view(B, groups, 1, 1)) * rstd.view(B, groups, 1, 1)).view(B, C, H, W)
 
 
-def group_norm_backward(grad_n, y, mean, rstd, groups):
-    """Gradient of ``GroupNorm(y)`` (no affine) w.r.t. ``y``."""
+def group_norm_backward(grad_n, y, mean, rstd, groups, weight: torch.Tensor | None = None):
+    """Gradient of ``weight * GroupNorm(y)`` (default: no affine) w.r.t. ``y``."""
     B, C, H, W = y.shape
     return torch.ops.aten.native_group_norm_backward(
-        grad_n, y, mean, rstd, None, B, C, H * W, groups, [True, False, False]
+        grad_n, y, mean, rstd, weight, B, C, H * W, groups, [True, False, False]
     )[0]
 
 
 class StateUpdateFunction(torch.autograd.Function):
-    """h: (B, C, H, W) state; y: (B, C, H, W) body output; Q: (C, C); D: (C,). Returns h's dtype."""
+    """h: (B, C, H, W) state; y: (B, C, H, W) body output; Q: (C, C); D: (C,). Returns h's dtype.
+
+    ``scalar``: ``M = diag(D)`` (see :func:`dfm_fused.ops.common.decay_forward`), folded into
+    the GroupNorm as its weight, forward and backward.
+    """
 
     @staticmethod
-    def forward(ctx, h, y, Q, D, groups, eps):
+    def forward(ctx, h, y, Q, D, groups, eps, scalar):
         dtype = compute_dtype(h, y, Q)
         y_c = y.to(dtype)
-        n, mean, rstd = group_norm_stats(y_c, groups, eps)
         # Out of place: under torch.compile (torch 2.11) an in-place add on the returned tensor
         # left every input with a zero gradient.
-        out = as_dtype(decay_forward(Q, D, n, dtype) + h, h.dtype)
-        ctx.groups = groups
+        if scalar:
+            decayed, mean, rstd = group_norm_stats(y_c, groups, eps, D.to(dtype))
+        else:
+            n, mean, rstd = group_norm_stats(y_c, groups, eps)
+            decayed = decay_forward(Q, D, n, dtype)
+        out = as_dtype(decayed + h, h.dtype)
+        ctx.groups, ctx.scalar = groups, scalar
         ctx.save_for_backward(y, Q, D, mean, rstd)
         return out
 
@@ -60,14 +68,22 @@ class StateUpdateFunction(torch.autograd.Function):
         y_c = y.to(mean.dtype)
         # The normalised y is needed only for grad_Q; otherwise y stands in for its shape.
         n = group_normalize(y_c, mean, rstd, groups) if ctx.needs_input_grad[2] else y_c
-        grad_n, grad_Q = decay_backward(
-            Q, D, n, grad_out, mean.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        )
-        if grad_n is not None:
-            grad_y = as_dtype(group_norm_backward(grad_n.contiguous(), y_c.contiguous(), mean, rstd, groups), y.dtype)
-        return grad_h, grad_y, grad_Q, None, None, None
+        if ctx.scalar:
+            # D g is the GroupNorm weight's part of the backward.
+            grad_n, weight = grad_out.to(mean.dtype), D.to(mean.dtype)
+            grad_Q = decay_backward(Q, D, n, grad_out, mean.dtype, False, ctx.needs_input_grad[2], True)[1]
+        else:
+            weight = None
+            grad_n, grad_Q = decay_backward(
+                Q, D, n, grad_out, mean.dtype, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+            )
+        if ctx.needs_input_grad[1]:
+            grad_y = as_dtype(
+                group_norm_backward(grad_n.contiguous(), y_c.contiguous(), mean, rstd, groups, weight), y.dtype
+            )
+        return grad_h, grad_y, grad_Q, None, None, None, None
 
 
-def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5):
+def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5, scalar_decay=False):
     """See :func:`dfm_fused.functional.state_update`."""
-    return StateUpdateFunction.apply(h, y, Q, decay_vector(S, t, tau, alpha), groups, eps)
+    return StateUpdateFunction.apply(h, y, Q, decay_vector(S, t, tau, alpha), groups, eps, scalar_decay)

@@ -2,7 +2,8 @@
 
 Forward: a statistics kernel (mean, 1/std per image and group), then one GEMM
 kernel that normalises each ``y`` tile as it loads it, multiplies by ``M`` and
-adds ``h``, writing the new state once. Only ``y``, ``Q``, ``D`` and the
+adds ``h``, writing the new state once (with ``scalar_decay``, ``M = diag(D)``: an
+elementwise kernel instead of the GEMM, here and for ``grad_y``). Only ``y``, ``Q``, ``D`` and the
 ``B x groups`` statistics are saved. Backward: ``grad_h`` is the incoming
 gradient itself; ``grad_y`` is ``M g`` (GEMM kernel) through the GroupNorm
 backward kernel; ``grad_Q`` uses ``A = sum GroupNorm(y) g^T`` from the
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import autocast_off, decay_grad_Q, decay_matrix, decay_vector
-from dfm_fused.ops.exp_decay.triton_kernels import channel_matmul, channel_outer
+from dfm_fused.ops.common import autocast_off, decay_grad_Q, decay_vector
+from dfm_fused.ops.exp_decay.triton_kernels import channel_outer, decay_map
 from dfm_fused.ops.state_update.triton_kernels import group_affine, group_norm_backward, group_stats
 from dfm_fused.ops.triton_utils import check_dtype, dot_dtype
 
@@ -30,13 +31,13 @@ class StateUpdateTriton(torch.autograd.Function):
     """h, y: (B, C, H, W) float16/bfloat16/float32; Q: (C, C); D: (C,) float32. Returns h's dtype."""
 
     @staticmethod
-    def forward(ctx, h, y, Q, D, groups, eps):
+    def forward(ctx, h, y, Q, D, groups, eps, scalar):
         h, y = h.contiguous(), y.contiguous()
         mean, rstd = group_stats(y, groups, eps)
         scale, shift = group_affine(mean, rstd, y.shape[1])
-        M = decay_matrix(Q, D, torch.float32).to(dot_dtype(y))
+        ctx.scalar = scalar
         ctx.save_for_backward(y, Q, D, mean, rstd)
-        return channel_matmul(y, M, h.dtype, h=h, scale=scale, shift=shift)
+        return decay_map(y, Q, D, scalar, h.dtype, h=h, scale=scale, shift=shift)
 
     @staticmethod
     @autocast_off
@@ -46,16 +47,16 @@ class StateUpdateTriton(torch.autograd.Function):
         grad_y = grad_Q = None
         g = grad_out.contiguous()
         if ctx.needs_input_grad[1]:
-            dn = channel_matmul(g, decay_matrix(Q, D, torch.float32).to(dot_dtype(g)), torch.float32)
+            dn = decay_map(g, Q, D, ctx.scalar, torch.float32)
             grad_y = group_norm_backward(dn, y, mean, rstd)
         if ctx.needs_input_grad[2]:
             scale, shift = group_affine(mean, rstd, y.shape[1])
             grad_Q = decay_grad_Q(Q, D, channel_outer(y, g, dot_dtype(y, g), scale, shift))
-        return grad_h, grad_y, grad_Q, None, None, None
+        return grad_h, grad_y, grad_Q, None, None, None, None
 
 
-def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5):
+def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5, scalar_decay=False):
     """See :func:`dfm_fused.functional.state_update`."""
     for name, tensor in (("h", h), ("y", y), ("Q", Q)):
         check_dtype(name, tensor)
-    return StateUpdateTriton.apply(h, y, Q, decay_vector(S, t, tau, alpha), groups, eps)
+    return StateUpdateTriton.apply(h, y, Q, decay_vector(S, t, tau, alpha), groups, eps, scalar_decay)

@@ -12,11 +12,12 @@
 #                       a failure, so a truncated check never passes.
 #   GPU_CHECK_SECTIONS  space-separated sections to run (default: all, in the order below):
 #                       environment build triton_tests triton_half_precision triton_tests_large
-#                       cuda_tests bench_cli bench_extension bench_triton_ops
+#                       cuda_tests capture_tests bench_cli bench_extension bench_triton_ops
+#                       bench_graphed graphed_busy
 #                       `build` is skipped by leaving it out, e.g. to reuse an extension built by
 #                       an earlier run against the same torch (carried as dfm_fused/_C*.so).
-#   GPU_CHECK_COMPILE   1: the CLI benchmark also times torch.compile of the reference (slow: one
-#                       compile per case).
+#   GPU_CHECK_COMPILE   1: the CLI benchmarks also time torch.compile of the reference (slow: one
+#                       compile per case; bench_graphed then adds reference-compiled).
 #   GPU_CHECK_CLI       extra arguments for the CLI benchmark (e.g. --no-ops, or --ops state_update).
 #   GPU_CHECK_PYTEST    extra pytest arguments for the test sections (e.g. -k to rerun failures).
 #
@@ -34,7 +35,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 FAILED=0
 : > "$OUT/summary.txt"
-SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_half_precision triton_tests_large cuda_tests bench_cli bench_extension bench_triton_ops} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_half_precision triton_tests_large cuda_tests capture_tests bench_cli bench_extension bench_triton_ops bench_graphed graphed_busy} "
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-430} ))
 read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST:-}"
 read -r -a CLI_EXTRA <<< "${GPU_CHECK_CLI:-}"
@@ -127,6 +128,13 @@ run_section cuda_tests 90 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_exte
     -rfEs -p no:cacheprovider "${XDIST[@]}" -k "cuda or thread_count" --junitxml="$OUT/cuda_tests.xml" \
     "${PYTEST_EXTRA[@]}"
 
+# ---------------------------------------------------------------- CUDA graph capture (issue 14)
+# The captured training step against eager (SGD and Adam, memory saving on and off, BatchNorm
+# statistics, dropout masks, accumulation, autocast), the errors, and captured inference (fixed T,
+# early stop) against eager and the reference.
+run_section capture_tests 120 "$PY" -m pytest tests/test_capture.py -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/capture_tests.xml" "${PYTEST_EXTRA[@]}"
+
 # ---------------------------------------------------------------- benchmarks
 # The main job's CLI: every op and backend against the reference (forward, forward + backward,
 # ResNet18 and segmentation shapes, float32 and bfloat16, floor fractions) and the ResNet18 DFM
@@ -143,6 +151,15 @@ run_section bench_extension 40 "$PY" benchmarks/bench_extension.py --device cuda
 # pytest-benchmark: Triton against the reference and torch.compile of it, large shapes.
 run_section bench_triton_ops 150 "$PY" -m pytest benchmarks/bench_triton_ops.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_triton_ops.json" --benchmark-columns=min,median,max
+# Issue 14's end-to-end settings (ResNet18-DFM fb=16, 200 classes, float32: train B=128 64x64 T=5,
+# eval B=8 64x64 T=8, train B=64 224x224 T=5), interleaved in one process, with the whole iteration
+# as one CUDA graph (graphed); reference-compiled only with GPU_CHECK_COMPILE=1 (compiles are slow).
+GRAPHED_IMPLS=reference,fused,fused-nockpt,graphed
+if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then GRAPHED_IMPLS=reference,reference-compiled,fused,fused-nockpt,graphed; fi
+run_section bench_graphed 150 "$PY" -m dfm_fused.bench --device cuda --budget 0.5 --no-ops --no-rss --targets \
+    --e2e-impls "$GRAPHED_IMPLS" --json "$OUT/bench_graphed.json" --png "$OUT/bench_graphed.png"
+# The fraction of each iteration's wall time the GPU is busy (torch.profiler), same settings.
+run_section graphed_busy 60 "$PY" -m dfm_fused.bench.e2e --impls reference,fused,graphed --out "$OUT/graphed_busy.json"
 
 echo
 cat "$OUT/summary.txt"

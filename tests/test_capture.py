@@ -142,7 +142,10 @@ def test_snapshot_restores_what_iterations_change(stepped_before):
     _train_eagerly(model, optimizer, 2)
     created = snapshot.created_state()
     assert bool(created) == (not stepped_before)  # momentum buffers appear at the first step
+    versions = [t._version for t in (*model.parameters(), *model.buffers())]
     snapshot.restore()
+    # Version counters stay: modules cache decisions on them (is Q still the QR's output?).
+    assert versions == [t._version for t in (*model.parameters(), *model.buffers())]
     # What the iterations changed is back, in the same tensor objects.
     for name, value in model.state_dict().items():
         assert torch.equal(value, params[name]), name

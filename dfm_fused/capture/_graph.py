@@ -59,8 +59,8 @@ def probe_qr(api: str, size: int, device: torch.device, stream, mode: str) -> st
     (cuSOLVER) cannot be captured or its replay differs from eager."""
     generator = torch.Generator(device=device).manual_seed(size)
     a = torch.randn(size, size, device=device, generator=generator)
-    warm_up(api, lambda i: torch.linalg.qr(a, mode="complete"), 2, stream, device)
     try:
+        warm_up(api, lambda i: torch.linalg.qr(a, mode="complete"), 2, stream, device)
         graph, q = capture(api, lambda: torch.linalg.qr(a, mode="complete")[0], stream, mode, f"a {size}x{size} QR")
     except CaptureError as exc:
         raise CaptureError(

@@ -34,7 +34,8 @@ def _unique(tensors) -> list[torch.Tensor]:
 class Snapshot:
     """Parameters, buffers, gradients, optimizer state and RNG of ``model`` (and ``optimizer``).
 
-    ``restore()`` writes the recorded values back into the same tensor objects,
+    ``restore()`` writes the recorded values back into the same tensor objects (version
+    counters untouched),
     rebinds each ``.grad`` to the tensor it held, drops optimizer state created
     since the snapshot and resets the CPU RNG and the RNG of ``device`` (CUDA).
     """
@@ -74,9 +75,12 @@ class Snapshot:
         return created
 
     def restore(self) -> None:
+        # Through ``.data``, so that version counters do not move: modules cache decisions on them
+        # (dfm_fused's decay modules: whether Q is still their QR's output, whether S is uniform),
+        # and the values they describe are exactly back.
         with torch.no_grad():
             for tensor, value in zip(self.tensors, self.values):
-                tensor.copy_(value)
+                tensor.data.copy_(value)
         for p, grad in zip(self.params, self.grads):
             p.grad = grad
         if self.optimizer is not None:
@@ -91,7 +95,7 @@ class Snapshot:
                 for key, (original, value) in saved.items():
                     if isinstance(original, torch.Tensor):
                         with torch.no_grad():
-                            original.copy_(value)
+                            original.data.copy_(value)
                         entry[key] = original
                     else:
                         entry[key] = copy.deepcopy(value)

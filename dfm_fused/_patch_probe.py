@@ -18,6 +18,7 @@ their values and version counters, and the global RNG streams are restored.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
@@ -95,19 +96,32 @@ def exact_configuration(module: nn.Module) -> tuple[str, str]:
     problem = structural_problem(module)
     if problem:
         raise NotExactError(problem)
-    expected = [_probe_case(module, case, None) for case in _CASES]
     failures = []
-    for output_map, backward, description in CONFIGURATIONS:
-        if output_map == "Qinv" and module._parameters.get("Qinv") is None:
-            continue
-        differences = []
-        for case, reference in zip(_CASES, expected):
-            differences += _compare(reference, _probe_case(module, case, (output_map, backward)), case)
-        if not differences:
-            return output_map, backward
-        failures.append(f"as {description} [output_map={output_map!r}, backward={backward!r}]: "
-                        + "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else ""))
+    with _ieee_float32_matmuls():
+        expected = [_probe_case(module, case, None) for case in _CASES]
+        for output_map, backward, description in CONFIGURATIONS:
+            if output_map == "Qinv" and module._parameters.get("Qinv") is None:
+                continue
+            differences = []
+            for case, reference in zip(_CASES, expected):
+                differences += _compare(reference, _probe_case(module, case, (output_map, backward)), case)
+            if not differences:
+                return output_map, backward
+            failures.append(f"as {description} [output_map={output_map!r}, backward={backward!r}]: "
+                            + "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else ""))
     raise NotExactError("no fused configuration computes what it does:\n    - " + "\n    - ".join(failures))
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmuls():
+    """float32 matmuls in full precision while probing (TF32 or bfloat16 passes, if enabled,
+    round to ~1e-3 and would fail the 1e-5 comparison of two exact computations)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _signature(forward) -> list[tuple]:

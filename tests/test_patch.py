@@ -258,3 +258,16 @@ def test_patch_replaces_the_base_segmentation_module_with_trainable_S():
         assert rel_err(outs[0], outs[1]) < 1e-5
         for got, want in zip(*grads):
             assert rel_err(got, want) < 1e-5
+
+
+def test_patch_probes_half_precision_modules_in_float32_and_restores_matmul_precision():
+    torch.manual_seed(0)
+    model = _TinyReferenceDFM().to(torch.bfloat16)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert list(dfm_fused.patch(model)) == ["decay"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert model.decay.Q.dtype == torch.bfloat16

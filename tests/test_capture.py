@@ -177,13 +177,15 @@ def test_changed_hyperparameter_names_the_setting():
 def test_cpu_tensor_use_flags_cpu_tensors_next_to_device_tensors():
     device = torch.device("meta")  # stands in for the CUDA device on this machine
     on_device = torch.ones(3, device=device, requires_grad=True)
+    weight = torch.tensor(3.0)  # exists before the watched code: a graph would keep its value
     watch = _guards.CpuTensorUse(device)
     with watch:
         (on_device * 2.0 + 1).sum().backward()  # Python numbers are scalars: fine
-        torch.ones(2) * torch.tensor(3.0)  # CPU only: fine
+        torch.ones(2) * weight  # CPU only: fine
+        on_device * torch.tensor(0.5, dtype=torch.float64).to(torch.float32)  # made here: a constant
     assert watch.found is None
     with watch:
-        on_device * torch.tensor(3.0)
+        on_device * weight
     assert "aten.mul.Tensor reads a CPU tensor of shape () and dtype torch.float32" in watch.found
 
 

@@ -73,25 +73,33 @@ def input_tensor(name: str, value, device: torch.device) -> torch.Tensor:
 
 
 class CpuTensorUse(TorchDispatchMode):
-    """Records the first op that reads a CPU tensor together with tensors on ``device``.
+    """Records the first op that reads, together with tensors on ``device``, a CPU tensor that
+    existed before the watched code ran.
 
-    Python numbers reach ops as scalars, not tensors, so they pass; a 0-d CPU tensor
-    does not: eager reads its value at each call, a graph only at capture.
+    Eager reads such a tensor's value at each call, a graph only at capture. CPU tensors the
+    watched code makes itself (``torch.tensor(python_number)``, which dfm_fused's ops pass to
+    device kernels as arguments) hold the same constant at every call, so they pass, and so do
+    Python numbers, which reach ops as scalars.
     """
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.device = device
         self.found: str | None = None
+        self.created: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.found is None:
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            cpu = [t for t in tensors if t.device.type == "cpu"]
+            cpu = [t for t in tensors if t.device.type == "cpu" and t.untyped_storage().data_ptr() not in self.created]
             if cpu and any(t.device == self.device for t in tensors):
                 self.found = f"{func} reads a CPU tensor of shape {tuple(cpu[0].shape)} and dtype {cpu[0].dtype}"
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self.created.add(t.untyped_storage().data_ptr())
+        return out
 
 
 @contextlib.contextmanager
@@ -121,8 +129,9 @@ def explain(api: str, what: str, exc: BaseException, extra_hints=()) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     hints = list(extra_hints)
     if "CUDAGeneratorImpl" in text or "get_rng_state" in text:
-        hints.insert(0, "the memory-saving unroll (checkpoint=True) reads the CUDA RNG state at every step "
-                        "(torch.cuda.get_rng_state), which capture forbids: build the model with checkpoint=False")
+        hints.insert(0, "the memory-saving unroll (checkpoint=True or 'selective', torch.utils.checkpoint with "
+                        "preserve_rng_state) reads the CUDA RNG state at every step (torch.cuda.get_rng_state), "
+                        "which capture forbids: build the model with checkpoint=False")
     hints += HINTS
     listing = "".join(f"\n  - {hint}" for hint in hints)
     return f"{api}: {what} failed, so the step cannot be captured into a CUDA graph.\n{text}\nUsual causes:{listing}"

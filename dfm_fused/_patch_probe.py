@@ -137,8 +137,12 @@ def _probe_case(module: nn.Module, case, configuration) -> dict | str:
     (``configuration=None``) or of the fused candidate built on another deep copy; or, where the
     call raised, a string saying so."""
     training, T, as_tensor = case
+    # A candidate never reads the ``state`` attribute (feedback_segmentation's can be 1 x C x 512 x 512):
+    # its copies share it instead of copying it.
+    state = getattr(module, "state", None)
+    shared = {id(state): state} if configuration is not None and isinstance(state, torch.Tensor) else {}
     try:
-        twin = copy.deepcopy(module)
+        twin = copy.deepcopy(module, shared)
     except Exception as exc:  # noqa: BLE001 - any failure means the probe cannot run
         raise NotExactError(f"it cannot be deep-copied for the probe ({type(exc).__name__}: {exc})") from None
     device = module.Q.device

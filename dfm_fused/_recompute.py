@@ -1,12 +1,33 @@
-"""Whether the current thread is replaying a step inside ``unroll``'s backward.
+"""Replaying a step inside ``unroll``'s backward exactly as its forward ran.
 
-Modules whose forward has a side effect that must happen once per real step
-(``StateExpDecay``'s QR re-orthogonalisation at ``T == 0``) consult this flag.
+:func:`is_recomputing` is the flag that modules with a once-per-step side effect
+(``StateExpDecay``'s QR re-orthogonalisation at ``T == 0``) consult.
+:class:`StepStates` keeps what a replay of step ``t`` must see besides the RNG
+and autocast (which ``torch.utils.checkpoint`` restores):
+
+- BatchNorm modules in training mode run the replay with momentum 0 and no
+  ``num_batches_tracked``: they normalise with the same batch statistics, save
+  the same tensors for backward, and leave the running statistics as they are
+  (``(1 - 0) * r + 0 * b == r`` exactly for finite batch statistics; non-finite
+  ones already made ``r`` non-finite in the forward), so each statistic is
+  updated once per real step, with no copy of any buffer;
+- other buffers and frozen parameters the step changes in place (a step
+  counter) are found by their version counters after each forward step; only
+  those are snapshotted, set back to their value before step ``t`` for its
+  replay and put back afterwards;
+- a replay that writes into any other tensor that existed before it (a
+  parameter, a tensor outside ``module``, a BatchNorm outside ``module``) raises
+  instead of silently changing what later replays and the optimiser see.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 _local = threading.local()
 
@@ -23,3 +44,144 @@ def recomputing():
         yield
     finally:
         _local.depth -= 1
+
+
+class StepStates:
+    """The mutable state of ``module`` (or of nothing, ``module=None``) around each step of one unroll.
+
+    ``begin_step()``/``end_step()`` bracket every forward step; ``replaying(t)`` is the
+    context in which step ``t`` is re-run in backward.
+    """
+
+    def __init__(self, module: torch.nn.Module | None, originals: dict[int, torch.Tensor]):
+        """``originals``: ``{id(tensor): copy}`` of at least the buffers and frozen parameters of
+        ``module`` as they were before the first step."""
+        modules = list(module.modules()) if module is not None else []
+        self.batch_norms = [m for m in modules if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        frozen_stats = {id(b) for m in self.batch_norms for b in m.buffers(recurse=False)}
+        unique = {id(t): t for t in tracked_tensors(module) if id(t) not in frozen_stats}
+        self.tracked = list(unique.values())
+        self.values = [originals[id(t)] for t in self.tracked]  # the values before the next step
+        self.before: list = []  # per step: the values before it (entries shared while unchanged)
+        self.mutated: set[int] = set()  # indices into tracked
+        self._versions: list[int] = []
+
+    def begin_step(self) -> None:
+        self.before.append(list(self.values))
+        self._versions = [t._version for t in self.tracked]
+
+    def end_step(self) -> None:
+        for i, (t, version) in enumerate(zip(self.tracked, self._versions)):
+            if t._version != version:
+                self.values[i] = t.detach().clone()
+                self.mutated.add(i)
+
+    def finish(self) -> None:
+        """After the last forward step: keep only the values of the tensors the steps changed
+        (this object lives as long as the graph)."""
+        self.before = [{i: values[i] for i in self.mutated} for values in self.before]
+        self.values = []
+
+    def replaying(self, t: int, outer=None) -> "_Replaying":
+        """Context in which step ``t`` is re-run: its buffers and frozen parameters, BatchNorm
+        statistics frozen, writes guarded; entered inside ``outer`` (a context, or ``None``).
+        Re-enterable, for a second backward through a retained graph."""
+        return _Replaying(self, t, outer)
+
+
+class _Replaying:
+    def __init__(self, states: StepStates, t: int, outer):
+        self.states, self.t, self.outer = states, t, outer
+        self.entered: list = []
+
+    def __enter__(self):
+        s = self.states
+        indices = sorted(s.mutated)
+        mutated = [s.tracked[i] for i in indices]
+        after = [m.detach().clone() for m in mutated]
+        settings = [(m.momentum, m.num_batches_tracked) for m in s.batch_norms]
+        stack = contextlib.ExitStack()
+        self.entered.append((mutated, after, settings, stack))
+        _copy_all(mutated, [s.before[self.t][i] for i in indices])
+        for m in s.batch_norms:
+            m.momentum, m.num_batches_tracked = 0.0, None
+        if self.outer is not None:  # after the copies: the selective policy's mode sees the step's ops only
+            stack.enter_context(self.outer)
+        stack.enter_context(recomputing())
+        stack.enter_context(_WriteGuard({m.untyped_storage().data_ptr() for m in mutated}))
+        return self
+
+    def __exit__(self, *exc):
+        mutated, after, settings, stack = self.entered.pop()
+        try:
+            stack.close()
+        finally:
+            for m, (momentum, count) in zip(self.states.batch_norms, settings):
+                m.momentum, m.num_batches_tracked = momentum, count
+            _copy_all(mutated, after)
+        return False
+
+
+def tracked_tensors(module: torch.nn.Module | None) -> list[torch.Tensor]:
+    """The tensors of ``module`` a step may change in place: buffers and frozen parameters."""
+    if module is None:
+        return []
+    return list(module.buffers()) + [p for p in module.parameters() if not p.requires_grad]
+
+
+def _copy_all(destinations, sources) -> None:
+    # Through ``.data`` so that version counters do not move: a graph outside the step
+    # (a frontend's batch_norm) may have saved these tensors, and the values it will
+    # see at backward time are the same as without the replay.
+    with torch.no_grad():
+        for destination, source in zip(destinations, sources):
+            destination.data.copy_(source)
+
+
+_SCHEMAS: dict = {}
+
+
+def _schema(func):
+    """``(names and positions of the arguments the op writes, whether its outputs alias an input)``."""
+    info = _SCHEMAS.get(func)
+    if info is None:
+        schema = func._schema
+        written = [(i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        aliasing = any(r.alias_info is not None for r in schema.returns)
+        info = _SCHEMAS[func] = (written, aliasing)
+    return info
+
+
+class _WriteGuard(TorchDispatchMode):
+    """Raise when an op writes into a tensor that existed before the replay (other than ``allowed``
+    storages): a replay must not change parameters, foreign buffers or anything else the forward,
+    the other replays or the optimiser read."""
+
+    def __init__(self, allowed: set[int]):
+        super().__init__()
+        self.allowed = allowed
+        self.created: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        written, aliasing = _schema(func)
+        for position, name in written:
+            target = kwargs[name] if name in kwargs else args[position] if position < len(args) else None
+            for tensor in tree_leaves(target):
+                if isinstance(tensor, torch.Tensor) and tensor.numel():
+                    pointer = tensor.untyped_storage().data_ptr()
+                    if pointer not in self.created and pointer not in self.allowed:
+                        raise RuntimeError(
+                            f"unroll(checkpoint=...): the step modified a tensor of shape {tuple(tensor.shape)} in place "
+                            f"({func}) while being replayed in backward, and that tensor is not a buffer or frozen "
+                            "parameter of `module` that the forward changed too. Replaying it would change what the "
+                            "forward and the optimiser see. Pass module=<the nn.Module holding it> to unroll, make the "
+                            "step skip the write when dfm_fused.is_recomputing() is true (dfm_fused modules do; "
+                            "dfm_fused.patch() swaps reference StateExpDecay modules for them), or use checkpoint=False."
+                        )
+        out = func(*args, **kwargs)
+        if not aliasing:
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    self.created.add(tensor.untyped_storage().data_ptr())
+        return out

@@ -9,8 +9,8 @@ One forward:
 1. the frontend runs once; its output ``x`` is the loop invariant;
 2. the state starts as ``h0`` or an N(0, ``init_std``) draw;
 3. ``h_{t+1} = StateUpdate(h_t, body(FeedbackInput(x, h_t)), t)`` for the T
-   steps, through :func:`dfm_fused.unroll` (memory-saving backward when
-   ``checkpoint`` is on);
+   steps, through :func:`dfm_fused.unroll` (``checkpoint``: ``True`` full
+   recompute, ``"selective"`` keeps convolution outputs, ``False`` plain graph);
 4. the head reads the prediction from ``h_T[:, :pred_channels]``.
 
 Loop invariants: ``x`` is computed once and only read by the steps. The fused
@@ -38,7 +38,7 @@ from torch import nn
 
 from dfm_fused import _checks
 from dfm_fused.modules import FeedbackInput, StateUpdate
-from dfm_fused.unroll import unroll
+from dfm_fused.unroll import checkpoint_mode, run_steps
 
 __all__ = ["FeedbackLoop", "FeedbackModel"]
 
@@ -140,12 +140,13 @@ class FeedbackLoop(nn.Module):
             return [self.predict(s) for s in states]
         return self.predict(states[-1])
 
-    def _unroll(self, z, h, T, t0, return_all):
+    def _unroll(self, z, h, T, t0, return_all, checkpoint_last=False):
         def step(x, state, t):
             return self.step(x, state, t0 + t)
 
         module = nn.ModuleList([m for m in self.step_modules() if m is not None])
-        out = unroll(step, z, h, T, checkpoint=self.checkpoint, return_states=return_all, module=module)
+        mode = checkpoint_mode(self.checkpoint)
+        out = run_steps(step, z, h, T, mode, return_all, module, checkpoint_last=checkpoint_last)
         return out if return_all else [out]
 
     def _to_equilibrium(self, z, h, T, atol, check_every):
@@ -158,7 +159,9 @@ class FeedbackLoop(nn.Module):
         prev = torch.full((1,), math.inf, dtype=torch.float64, device=h.device)
         while self.steps_run < T:
             n = min(check_every, T - self.steps_run)
-            chunk = self._unroll(z, h, n, self.steps_run, True)
+            # Every step of a chunk is recomputed (with checkpoint=True): only the last step
+            # after the loop keeps its graph, so the graph stays one step plus the states.
+            chunk = self._unroll(z, h, n, self.steps_run, True, checkpoint_last=True)
             with torch.no_grad():
                 # The reference compares float32 sums as Python floats (float64).
                 sums = torch.stack([s.abs().sum() for s in chunk]).to(torch.float64)
@@ -187,7 +190,8 @@ class FeedbackModel(FeedbackLoop):
         state_stride: int or (int, int), the body's downsampling factor.
         groups: GroupNorm groups of the state update; fb_groups: of the feedback (default ``groups``).
         tau, alpha: decay parameters of :class:`StateUpdate`. eps: GroupNorm epsilon.
-        checkpoint: memory-saving backward (default on); ``False`` keeps the full graph (faster).
+        checkpoint: ``True`` (default) memory-saving backward, flat in T; ``"selective"`` keeps the
+            convolution outputs and recomputes the cheap ops; ``False`` keeps the full graph (fastest).
         init_std: std of the random initial state. reference_init: see :class:`FeedbackLoop`.
     """
 
@@ -206,7 +210,7 @@ class FeedbackModel(FeedbackLoop):
         tau: float = 1.0,
         alpha: float = 1.0,
         eps: float = 1e-5,
-        checkpoint: bool = True,
+        checkpoint: bool | str = True,
         init_std: float = 1e-3,
         reference_init: bool = False,
     ):
@@ -231,7 +235,7 @@ class FeedbackModel(FeedbackLoop):
         self.error_head = StateUpdate(self.state_channels, groups, tau, alpha, eps)
         # Unused by the math; frozen so DistributedDataParallel needs no find_unused_parameters.
         self.error_head.Qinv.requires_grad_(False)
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = checkpoint_mode(checkpoint)
         self.init_std = float(init_std)
         self.reference_init = bool(reference_init)
         self.T = nn.Parameter(torch.zeros(()), requires_grad=False)

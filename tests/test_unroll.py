@@ -203,19 +203,78 @@ def test_summed_gradients_never_write_into_the_incoming_gradient():
     torch.testing.assert_close(h0.grad, g_before, rtol=0, atol=0)
 
 
-def test_lost_gradient_is_an_error_not_silence():
-    step = _make()
-    outside = torch.nn.Parameter(torch.ones(()))
-    x, h0 = _inputs()
-    out = dfm_fused.unroll(lambda x, h, t: step(x, h, t) * outside, x, h0, 2, module=step)
-    with pytest.raises(RuntimeError, match="not parameters of `module`"):
+@pytest.mark.parametrize("checkpoint", [True, "selective"])
+def test_closure_step_without_module_gets_the_plain_graph_gradients(checkpoint):
+    """A plain function over captured modules and a captured parameter; neither x nor h0 needs a
+    gradient, so every gradient comes from tensors the step captured (issue 12, item 3)."""
+    base = _make()
+    outside = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+    results = {}
+    for mode in (checkpoint, False):
+        step = copy.deepcopy(base).train()
+        scale = outside.detach().clone().requires_grad_()
+        torch.manual_seed(3)  # the same inputs and dropout masks in both runs
+        x, h0 = (t.detach() for t in _inputs())
+        out = dfm_fused.unroll(lambda x, h, t: step(x, h, t) * scale, x, h0, 3, checkpoint=mode)
+        assert out.grad_fn is not None
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+        results[mode] = grads, scale.grad.clone(), {n: b.clone() for n, b in step.named_buffers()}
+    (grads_c, scale_c, buffers_c), (grads_p, scale_p, buffers_p) = results[checkpoint], results[False]
+    assert grads_c.keys() == grads_p.keys() and "conv.weight" in grads_c
+    for name in grads_c:
+        assert torch.allclose(grads_c[name], grads_p[name], rtol=1e-9, atol=1e-12), name
+    assert rel_err(scale_c, scale_p) < 1e-10
+    for name in buffers_c:
+        assert torch.equal(buffers_c[name], buffers_p[name]), name
+
+
+class CountingStep(torch.nn.Module):
+    """Counts its steps in a frozen parameter as dfbmodels does (``constant_(self.T, self.T + 1)``)
+    and reads the count, so a replay that sees another count gives other gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+        self.T = torch.nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x, h, t):
+        torch.nn.init.constant_(self.T, self.T + 1)
+        count = self.T.detach().clone()  # what the graph saves: the next step bumps T in place
+        return h + torch.tanh(self.weight * count * h)
+
+
+@pytest.mark.parametrize("checkpoint", [True, "selective"])
+@pytest.mark.parametrize("closure", [False, True])
+def test_step_mutating_a_frozen_parameter_replays_with_its_forward_value(checkpoint, closure):
+    """Issue 12, item 4: the counter ends at T and the gradient is the plain graph's."""
+    grads = {}
+    for mode in (checkpoint, False):
+        step = CountingStep()
+        h0 = torch.linspace(0.1, 1.0, 6, dtype=torch.float64).reshape(1, 6).requires_grad_()
+        run = (lambda x, h, t: step(x, h, t)) if closure else step
+        out = dfm_fused.unroll(run, None, h0, 4, checkpoint=mode)
         out.sum().backward()
-    # Naming the module that holds every parameter makes it work.
-    holder = torch.nn.ModuleDict({"step": step})
-    holder.outside = outside
-    out = dfm_fused.unroll(lambda x, h, t: step(x, h, t) * outside, x, h0, 2, module=holder)
-    out.sum().backward()
-    assert outside.grad is not None
+        assert step.T.item() == 4
+        grads[mode] = step.weight.grad.clone(), h0.grad.clone()
+    for a, b in zip(grads[checkpoint], grads[False]):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_replay_writing_a_tensor_outside_module_is_an_error():
+    """A counter that is no module's buffer cannot be set back for the replay: raise, never
+    back-propagate through a replay that saw another value."""
+    counter = torch.zeros((), dtype=torch.float64)
+    weight = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def step(x, h, t):
+        counter.add_(1)
+        return h + torch.tanh(weight * counter * h)
+
+    h0 = torch.ones(1, 6, dtype=torch.float64, requires_grad=True)
+    out = dfm_fused.unroll(step, None, h0, 3)
+    with pytest.raises(RuntimeError, match=r"modified a tensor of shape \(\) in place"):
+        out.sum().backward()
 
 
 def test_step_mutating_parameters_during_replay_is_an_error():
@@ -230,7 +289,7 @@ def test_step_mutating_parameters_during_replay_is_an_error():
 
     h0 = torch.randn(2, C, 4, 3, requires_grad=True)
     out = dfm_fused.unroll(step, None, h0, 2, module=head)
-    with pytest.raises(RuntimeError, match="modified parameter"):
+    with pytest.raises(RuntimeError, match=r"modified a tensor of shape \(8, 8\) in place"):
         out.sum().backward()
 
 

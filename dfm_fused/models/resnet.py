@@ -26,6 +26,7 @@ from torch import nn
 from dfm_fused.feedback_model import FeedbackLoop
 from dfm_fused.models._skeleton import ARCHITECTURES, build_resnet_dfm, state_spatial
 from dfm_fused.modules import FeedbackInput, StateUpdate
+from dfm_fused.unroll import checkpoint_mode
 
 __all__ = ["ResNet", "ResNet18", "ResNet34", "ResNet50"]
 
@@ -34,7 +35,8 @@ class ResNet(FeedbackLoop):
     """A ResNet DFM. ``forward(x, T, h0=None)`` -> logits (B, n_classes).
 
     State: (B, (512 + fb_filters) * e, ceil(H/32), ceil(W/32)), e the block expansion.
-    ``checkpoint``: memory-saving backward (default on); settable attribute.
+    ``checkpoint``: ``True`` (default) memory-saving backward flat in T, ``"selective"`` (keeps the
+    convolution outputs, recomputes the cheap ops) or ``False`` (plain graph); settable attribute.
     """
 
     # The fused ops assume the frozen GroupNorm affines are the identity.
@@ -42,7 +44,7 @@ class ResNet(FeedbackLoop):
 
     def __init__(
         self, arch: str, fb_filters: int = 0, n_classes: int = 200, shape=(64, 64), tau: float = 1.0,
-        *, checkpoint: bool = True,
+        *, checkpoint: bool | str = True,
     ):
         super().__init__()
         if arch not in ARCHITECTURES:
@@ -55,7 +57,7 @@ class ResNet(FeedbackLoop):
         fb = fb_filters * self.block_expansion
         # No parameters: adds no state_dict keys.
         self.feedback = FeedbackInput(fb, self.pred_channels, groups=8) if fb else None
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = checkpoint_mode(checkpoint)
         self.init_std = 1e-3
         self.reference_init = True
         self.state = torch.zeros(())
@@ -83,7 +85,7 @@ def _variant(arch: str, default_shape):
     class Variant(ResNet):
         def __init__(
             self, fb_filters: int = 0, n_classes: int = 200, shape=default_shape, tau: float = 1.0,
-            *, checkpoint: bool = True,
+            *, checkpoint: bool | str = True,
         ):
             super().__init__(arch, fb_filters, n_classes, shape, tau, checkpoint=checkpoint)
 

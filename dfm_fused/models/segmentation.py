@@ -20,6 +20,7 @@ from dfm_fused import _checks
 from dfm_fused.feedback_model import FeedbackLoop
 from dfm_fused.models._blocks import BasicBlock
 from dfm_fused.modules import FeedbackInput, StateUpdate
+from dfm_fused.unroll import checkpoint_mode
 
 __all__ = ["SegmentationDFM"]
 
@@ -74,7 +75,8 @@ class SegmentationDFM(FeedbackLoop):
         width: channels of the frontend and first stage (stages: width, 2 width, 4 width).
         blocks: BasicBlocks per stage. rates: atrous rates at H/16.
         norm: ``"batch"`` or ``"group"`` (GroupNorm, free of batch statistics) in the body.
-        tau, alpha: decay parameters. checkpoint: memory-saving backward (default on).
+        tau, alpha: decay parameters.
+        checkpoint: ``True`` (default), ``"selective"`` or ``False``, as for :func:`dfm_fused.unroll`.
     ``forward(x, T=5, h0=None, ...)`` -> logits (B, classes, H', W') with H' = 4 ceil(H/4).
     """
 
@@ -91,7 +93,7 @@ class SegmentationDFM(FeedbackLoop):
         tau: float = 1.0,
         alpha: float = 1.0,
         *,
-        checkpoint: bool = True,
+        checkpoint: bool | str = True,
     ):
         super().__init__()
         in_channels = _checks.integer("in_channels", in_channels, 1)
@@ -123,7 +125,7 @@ class SegmentationDFM(FeedbackLoop):
         self.error_head = StateUpdate(self.state_channels, groups=self.state_channels, tau=tau, alpha=alpha)
         self.error_head.Qinv.requires_grad_(False)  # unused; frozen for DistributedDataParallel
         self.T = nn.Parameter(torch.zeros(()), requires_grad=False)
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = checkpoint_mode(checkpoint)
         self.init_std = 1e-3
         self.reference_init = True
         self.state = torch.zeros(())

@@ -8,7 +8,7 @@ import torch
 
 import dfm_fused
 from dfm_fused import reference
-from tests._golden import rel_err
+from tests._golden import load_golden, rel_err
 
 from _feedback_segmentation import NeumannDecayStage, SegmentationStateExpDecay, TinyNeumannFeedback
 
@@ -271,3 +271,30 @@ def test_patch_probes_half_precision_modules_in_float32_and_restores_matmul_prec
     finally:
         torch.set_float32_matmul_precision(previous)
     assert model.decay.Q.dtype == torch.bfloat16
+
+
+def test_patch_keeps_the_golden_reference_resnet18_exact_in_training():
+    """The real dfbmodels weights in the literal transcription: training mode (QR at T=0,
+    BatchNorm statistics), T=3; patched and unpatched agree to float32 rounding."""
+    from dfm_fused import models
+    from dfm_fused.models.reference import ReferenceResNet18
+
+    golden = load_golden()
+    case = golden["cases"][0]
+    assert case["training"]
+    model = ReferenceResNet18(**golden["config"])
+    models.load_reference_state_dict(model, golden["state_dict"])
+    twin = copy.deepcopy(model)
+    assert list(dfm_fused.patch(model)) == ["error_head"]
+    results = []
+    for m in (twin, model):
+        m.train()
+        logits = m(case["x"], case["T"], h0=case["h0"], atol=case["atol"])
+        (logits * case["w"]).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (expected, expected_grads), (logits, grads) = results
+    assert rel_err(logits, expected) < 1e-5
+    assert grads.keys() == expected_grads.keys() and "error_head.Q" in grads
+    for name, g in expected_grads.items():
+        assert rel_err(grads[name], g) < 1e-5, name
+    assert rel_err(model.error_head.Q, twin.error_head.Q) < 1e-6  # both re-orthogonalised at T=0

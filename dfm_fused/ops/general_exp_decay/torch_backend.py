@@ -28,8 +28,6 @@ from dfm_fused.ops.common import (
     compute_dtype,
 )
 
-BACKWARDS = ("exact", "neumann")
-
 
 def neumann_factor(delta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``s = sum_{i=1..n+1} e^{i delta}`` with ``n = trunc(t)``, per channel, on ``delta``'s device.

@@ -404,13 +404,14 @@ def test_target_benchmark_cases_carry_the_issue_settings():
     settings = {(c.shape["mode"], c.B, c.image, c.T) for c in cases}
     assert settings == {("train", 128, (64, 64), 5), ("eval", 8, (64, 64), 8), ("train", 64, (224, 224), 5)}
     for setting in settings:
-        impls = sorted(c.impl for c in cases if (c.mode, c.B, c.image, c.T) == setting)
-        assert impls == sorted(["reference", "reference-compiled", "fused", "fused-nockpt", "graphed"]), setting
+        impls = {c.impl for c in cases if (c.mode, c.B, c.image, c.T) == setting}
+        assert {"reference", "reference-compiled", "fused", "fused-nockpt", "graphed"} <= impls, setting
     eval_case = next(c for c in cases if c.mode == "eval")
     assert eval_case.shape == {"B": 8, "image": [64, 64], "T": 8, "mode": "eval"}
     assert C.case_from_spec(eval_case.spec()) == eval_case
     assert "eval" in eval_case.group and "eval" not in next(c for c in cases if c.mode == "train").group
-    assert {c.impl for c in target_e2e_cases("cpu")} == {"reference", "fused", "fused-nockpt"}
+    cpu = {c.impl for c in target_e2e_cases("cpu")}
+    assert {"reference", "fused", "fused-nockpt"} <= cpu and not cpu & {"graphed", "reference-compiled"}
 
 
 def test_bench_cli_refuses_graphed_without_cuda_and_unknown_impls():

@@ -168,3 +168,70 @@ def test_qinv_module_defaults_start_from_the_dfbmodels_decay():
     assert "output_map='Qinv', backward='exact'" in repr(general)
     x = torch.randn(2, 5, 3, 3)
     assert_close(general(x, T=2), symmetric(x, T=2), torch.float32, "output")
+
+
+class _HostTransfers(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records host-to-device copies and device-to-host reads (``_local_scalar_dense``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        results = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        host_to_device = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and any(
+            a.device.type == "cpu" for a in tensors) and any(o.device.type != "cpu" for o in results)
+        if host_to_device or func is torch.ops.aten._local_scalar_dense.default:
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("t", ["number", "device tensor"])
+def test_neumann_forward_and_backward_copy_nothing_between_host_and_device_on_fake_cuda(t):
+    """CPU proxy of the sync check below: on fake CUDA tensors no host-to-device copy and no
+    read-back, forward and backward (the original reads T back in every backward). The autograd
+    engine needs a real device, so the backward is called directly, with every input needing a
+    gradient."""
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 6, 3, 4, device="cuda", requires_grad=True)
+        Q = torch.empty(6, 6, device="cuda", requires_grad=True)
+        Qinv = torch.empty(6, 6, device="cuda", requires_grad=True)
+        S = torch.ones(6, device="cuda", requires_grad=True)
+        step = 2.0 if t == "number" else torch.empty((), device="cuda")
+        with _HostTransfers() as transfers:
+            out = F.general_exp_decay(x, Q, Qinv, S, step, 0.5, 1.5, backward="neumann")
+            delta = torch.empty(6, device="cuda")
+            t_saved = torch.tensor(2.0) if t == "number" else step  # a number arrives as a 0-d CPU tensor
+            ctx = types.SimpleNamespace(saved_tensors=(x, Q, Qinv, delta, t_saved), neumann=True,
+                                        needs_input_grad=(True,) * 5 + (False,))
+            grads = torch_backend.GeneralExpDecayFunction.backward(ctx, torch.empty_like(out))
+    assert transfers.seen == []
+    assert [g is not None for g in grads] == [True, True, True, True, False, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backward", ["exact", "neumann"])
+def test_general_decay_does_not_sync_with_the_host_on_cuda(backward):
+    x, Q, Qinv, S = (a.detach().cuda().requires_grad_() for a in _inputs())
+    t = torch.tensor(3.0, device="cuda")
+
+    def run():
+        out = F.general_exp_decay(x, Q, Qinv, S, t, 0.5, 1.5, backward=backward)
+        return torch.autograd.grad(out.square().sum(), (x, Q, Qinv, S))
+
+    expected = run()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)

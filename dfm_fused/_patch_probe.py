@@ -52,8 +52,9 @@ def fused_like(module: nn.Module, output_map: str, backward: str) -> StateExpDec
     registration order (so ``parameters()`` and ``state_dict`` keep their order), its ``state``
     attribute and its training flag."""
     # Built with one channel, so its throw-away initial parameters cost nothing (no C x C QR),
-    # and without drawing from the caller's RNG; then given ``module``'s parameters.
-    with torch.random.fork_rng(devices=[]):
+    # without drawing from the caller's RNG and as normal tensors even under inference_mode
+    # (the module records their version counters); then given ``module``'s parameters.
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
         new = StateExpDecay(1, (), output_map=output_map, backward=backward)
     new.filters = module.Q.shape[0]
     new.state = torch.zeros((1, new.filters), device=module.Q.device)
@@ -97,7 +98,8 @@ def exact_configuration(module: nn.Module) -> tuple[str, str]:
     if problem:
         raise NotExactError(problem)
     failures = []
-    with _ieee_float32_matmuls():
+    # Probing needs autograd: not inference tensors even if patch() runs under inference_mode.
+    with _ieee_float32_matmuls(), torch.inference_mode(False):
         expected = [_probe_case(module, case, None) for case in _CASES]
         for output_map, backward, description in CONFIGURATIONS:
             if output_map == "Qinv" and module._parameters.get("Qinv") is None:

@@ -201,12 +201,13 @@ def test_patch_refuses_a_look_alike_naming_it_and_what_differs(cls, says):
     assert isinstance(model.decays[0], dfm_fused.StateExpDecay)
 
 
-def test_patch_probe_leaves_rng_streams_and_grad_mode_alone():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_patch_probe_leaves_rng_streams_and_grad_mode_alone(mode):
     torch.manual_seed(0)
     model = _TinyReferenceDFM()
     rng = torch.get_rng_state()
-    with torch.no_grad():
-        dfm_fused.patch(model)
+    with mode():
+        assert list(dfm_fused.patch(model)) == ["decay"]
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.decay.Q.grad is None and model.body.weight.grad is None
 

@@ -10,7 +10,8 @@ Public API:
 - :func:`capture_train_step`, :func:`capture_inference`: a whole training iteration or
   forward as CUDA graphs (:mod:`dfm_fused.capture`; CUDA only), :class:`CaptureError`;
 - whole models: :class:`FeedbackModel` (any network as a DFM), :mod:`dfm_fused.models`
-  (ResNet and segmentation DFMs), :func:`patch` (swap reference modules for fused ones);
+  (ResNet and segmentation DFMs), :func:`patch` (swap reference modules for fused ones where exact, else
+  :class:`NotExactError`);
 - backends: :func:`available_backends`, :func:`set_backend`, :func:`get_backend`,
   :func:`use_backend`, :func:`backend_status`, environment variable ``DFM_FUSED_BACKEND``.
 """
@@ -26,7 +27,7 @@ from dfm_fused._recompute import is_recomputing
 from dfm_fused.feedback_model import FeedbackModel
 from dfm_fused.functional import exp_decay, feedback_input, state_update
 from dfm_fused.modules import FeedbackInput, StateExpDecay, StateUpdate
-from dfm_fused.patch import patch
+from dfm_fused.patch import NotExactError, patch
 from dfm_fused.unroll import unroll
 from dfm_fused import models  # noqa: E402  (after the modules it builds on)
 from dfm_fused.capture import CaptureError, capture_inference, capture_train_step  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "CaptureError",
     "FeedbackInput",
     "FeedbackModel",
+    "NotExactError",
     "StateExpDecay",
     "StateUpdate",
     "available_backends",

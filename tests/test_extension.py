@@ -143,10 +143,12 @@ def test_state_update(shape, dtype, layout, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (3, 6, 7, 5), (21, 528, 2, 2), (2, 16, 21, 23)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (3, 6, 7, 5), (21, 528, 2, 2), (300, 16, 2, 2), (2, 16, 21, 23)],
+                         ids=str)
 def test_scalar_decay(shape, dtype, layout, device):
-    """scalar_decay=True (Q orthonormal, S uniform) against the general reference: thin shapes (A by
-    groups of images on the CPU, uneven for 21 images), several tiles, every dtype and layout."""
+    """scalar_decay=True (Q orthonormal, S uniform) against the general reference: small images (A
+    in wide GEMMs over all pixels on the CPU, two pixel chunks for 300 images), wide tiles, every
+    dtype and layout."""
     exp_decay, _, state_update = _ops()
     x, Q, S, t, tau, alpha = _decay_case(shape, dtype, device, layout)
     S = torch.full_like(S, 0.8)

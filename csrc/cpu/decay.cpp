@@ -5,7 +5,7 @@
 //
 // scalar_decay (SPEC section 7: Q orthonormal, D uniform, so M = diag(D)): M is replaced by
 // the (C,) vector D, a per-channel scale (tile_apply), and A = sum a g^T for grad_Q is one GEMM
-// per group of images (grad_Q_by_images) where the tiles would be too thin for a fast GEMM.
+// over all pixels (grad_Q_thin) where the tiles would be too thin for a fast GEMM each.
 //
 // Each op is one parallel pass over pixel tiles: load (and normalise) a tile into an
 // L2-resident float buffer, apply M with ATen's blocked GEMM, and write the result with
@@ -270,34 +270,25 @@ void store_columns(at::Tensor& a, int64_t b, int64_t n, const at::Tensor& cols) 
   a.narrow(0, b, n).copy_(cols.view({a.size(1), n, -1}).transpose(0, 1));
 }
 
-// The fixed chunks of image groups that own one partial C x C sum each.
-int64_t image_group_chunks(const ImageGroups& groups) { return std::min(kChunks, groups.count); }
+// Scalar-decay grad_Q = diag(D) Q (A + A^T), A = sum a g^T, for images too small to make pixel
+// tiles wide enough for a fast GEMM each (thin_tiles): A is a few wide GEMMs over all pixels, a
+// and g as (C, P) matrices, in fixed chunks of kPixelChunk pixels accumulated in order. No GEMM
+// has a longer reduction than that or than C (the GEMM by Q, as in grad_Q_from_parts), so
+// results do not depend on the thread count. a, g: (B, C, P) in the math dtype.
+constexpr int64_t kPixelChunk = 1024;
 
-// Calls f(chunk k, first image b, images n) for each group of images, in parallel over the
-// image_group_chunks(groups) chunks, each chunk's groups in order on one thread.
-template <typename F>
-void for_image_group_chunks(const ImageGroups& groups, F&& f) {
-  const int64_t chunks = image_group_chunks(groups);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      int64_t begin, end;
-      chunk_range(groups.count, chunks, k, begin, end);
-      for (int64_t i = begin; i < end; ++i) f(k, groups.begin(i), groups.images(i));
-    }
-  });
-}
+bool thin_tiles(const Tiling& t) { return t.tile < 64; }
 
-// Scalar-decay grad_Q = diag(D) Q (A + A^T), A = sum a g^T: one GEMM per group of images, partial
-// sums per fixed chunk. a, g: (B, C, P) in the math dtype.
-at::Tensor grad_Q_by_images(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a_, const at::Tensor& g_) {
-  // Detached: worker threads do not inherit the caller's autograd exclusion.
-  const at::Tensor a = a_.detach(), g = g_.detach();
-  const ImageGroups groups(g.size(0), g.size(2));
-  at::Tensor parts = at::zeros({image_group_chunks(groups), Q.size(0), Q.size(0)}, g.options());
-  for_image_group_chunks(groups, [&](int64_t k, int64_t b, int64_t n) {
-    parts[k].addmm_(group_columns(a, b, n), group_columns(g, b, n).t());
-  });
-  return grad_Q_from_parts(parts, Q.detach(), D.detach());
+at::Tensor grad_Q_thin(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a, const at::Tensor& g) {
+  const auto columns = [](const at::Tensor& t) { return t.transpose(0, 1).reshape({t.size(1), -1}); };
+  const at::Tensor ac = columns(a), gc = columns(g);
+  const int64_t P = ac.size(1);
+  at::Tensor A = at::mm(ac.narrow(1, 0, std::min(P, kPixelChunk)), gc.narrow(1, 0, std::min(P, kPixelChunk)).t());
+  for (int64_t p0 = kPixelChunk; p0 < P; p0 += kPixelChunk) {
+    const int64_t n = std::min(kPixelChunk, P - p0);
+    A.addmm_(ac.narrow(1, p0, n), gc.narrow(1, p0, n).t());
+  }
+  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
 }
 
 // Q^T diag(D) Q a per pixel; a: (B, C, P) in the math dtype, as is the result.
@@ -322,16 +313,23 @@ std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q_, cons
                                                       const at::Tensor& g, bool need_a, bool need_Q) {
   const at::Tensor Q = Q_.detach(), Qt = Q.t(), D = D_.detach().unsqueeze(1);
   const ImageGroups groups(g.size(0), g.size(2));
+  const int64_t chunks = std::min(kChunks, groups.count);
   at::Tensor grad_a = need_a ? at::empty_like(g) : at::Tensor();
-  at::Tensor parts =
-      need_Q ? at::zeros({image_group_chunks(groups), Q.size(0), Q.size(0)}, g.options()) : at::Tensor();
-  for_image_group_chunks(groups, [&](int64_t k, int64_t b, int64_t n) {
-    const at::Tensor gi = group_columns(g, b, n);
-    const at::Tensor DQg = at::mm(Q, gi).mul_(D);
-    if (need_a) store_columns(grad_a, b, n, at::mm(Qt, DQg));
-    if (need_Q) {
-      const at::Tensor ai = group_columns(a, b, n);
-      parts[k].addmm_(at::mm(Q, ai).mul_(D), gi.t()).addmm_(DQg, ai.t());
+  at::Tensor parts = need_Q ? at::zeros({chunks, Q.size(0), Q.size(0)}, g.options()) : at::Tensor();
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t begin, end;
+      chunk_range(groups.count, chunks, k, begin, end);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = groups.begin(i), n = groups.images(i);
+        const at::Tensor gi = group_columns(g, b, n);
+        const at::Tensor DQg = at::mm(Q, gi).mul_(D);
+        if (need_a) store_columns(grad_a, b, n, at::mm(Qt, DQg));
+        if (need_Q) {
+          const at::Tensor ai = group_columns(a, b, n);
+          parts[k].addmm_(at::mm(Q, ai).mul_(D), gi.t()).addmm_(DQg, ai.t());
+        }
+      }
     }
   });
   return {grad_a, need_Q ? sum_chunks(parts) : at::Tensor()};
@@ -381,10 +379,9 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
   at::Tensor grad_x = need_x ? empty_output(x.sizes(), x.options(), fmt) : at::empty({0}, x.options());
   at::Tensor grad_Q = at::empty({0}, Q.options());
   if (!need_x && !need_Q) return {grad_x, grad_Q};
-  // Scalar decay with thin tiles: A by images after the pass, not per tile in it.
-  const bool A_by_images = scalar_decay && need_Q && x.numel() > 0 && thin_backward(t);
-  if (A_by_images) {
-    grad_Q = grad_Q_by_images(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()));
+  // Scalar decay with thin tiles: A in one GEMM (grad_Q_thin), not per tile in the pass.
+  if (scalar_decay && need_Q && x.numel() > 0 && thin_tiles(t)) {
+    grad_Q = grad_Q_thin(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()));
     need_Q = false;
   }
   if (!scalar_decay && x.numel() > 0 && thin_backward(t)) {
@@ -461,10 +458,10 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
     if (need_Q) grad_Q = at::zeros_like(Q);
     return {grad_y, grad_Q};
   }
-  // Scalar decay with thin tiles: A by images, not per tile in the pass below.
-  if (scalar_decay && need_Q && thin_backward(t)) {
-    grad_Q = grad_Q_by_images(Q, D, thin_normalize(as_bcp(y, Q.scalar_type()), mean, rstd, groups),
-                              as_bcp(grad, Q.scalar_type()));
+  // Scalar decay with thin tiles: A in one GEMM (grad_Q_thin), not per tile in the pass below.
+  if (scalar_decay && need_Q && thin_tiles(t)) {
+    grad_Q = grad_Q_thin(Q, D, thin_normalize(as_bcp(y, Q.scalar_type()), mean, rstd, groups),
+                         as_bcp(grad, Q.scalar_type()));
     need_Q = false;
     if (!need_y) return {grad_y, grad_Q};
   }

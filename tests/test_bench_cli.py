@@ -31,8 +31,8 @@ def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
     ])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    # Two ops x (reference + each fused CPU backend here) + three end-to-end variants.
-    n_cases = 2 * (1 + len(C.fused_impls("cpu"))) + 3
+    # Two ops x (reference + each fused CPU backend here) + the end-to-end variants.
+    n_cases = 2 * (1 + len(C.fused_impls("cpu"))) + len(C.E2E_IMPLS)
     assert f"[{n_cases}/{n_cases}]" in printed and "speed-up" in printed
 
     data = json.loads(out.read_text())
@@ -61,7 +61,7 @@ def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
             assert math.isfinite(r["graph_memory_ratio"]) and r["graph_memory_ratio"] >= 0
         assert reference["speedup"] == 1.0 and reference["graph_memory_ratio"] == 1.0
     e2e = [r for r in records if r["kind"] == "e2e"]
-    assert {r["impl"] for r in e2e} == {"reference", "fused", "fused-nockpt"}
+    assert {r["impl"] for r in e2e} == {"reference", "fused", "fused-selective", "fused-nockpt"}
     pytest.importorskip("matplotlib")
     assert (tmp_path / "bench.png").stat().st_size > 0
 
@@ -95,7 +95,7 @@ def test_memory_saving_keeps_less_graph_than_full_graph(tmp_path):
                "--no-rss", "--json", str(out), "--png", str(tmp_path / "b.png")])
     assert rc == 0
     saved = {r["impl"]: r["memory"]["saved_activation_bytes"] for r in json.loads(out.read_text())["cases"]}
-    assert saved["fused"] < saved["fused-nockpt"]
+    assert saved["fused"] < saved["fused-selective"] < saved["fused-nockpt"]
     assert saved["fused"] < saved["reference"]
 
 

@@ -66,27 +66,29 @@ def _run(step, x, h0, T, mode, weights):
             states.append(h)
         step.literal = False
     else:
-        states = dfm_fused.unroll(step, x, h0, T, checkpoint=(mode == "checkpoint"), return_states=True)
+        checkpoint = {"checkpoint": True, "selective": "selective", "plain": False}[mode]
+        states = dfm_fused.unroll(step, x, h0, T, checkpoint=checkpoint, return_states=True)
     loss = sum(w * (s * s).sum() for w, s in zip(weights, states))
     loss.backward()
     params = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
     return states, params, x.grad.clone(), h0.grad.clone()
 
 
+@pytest.mark.parametrize("memory_saving", ["checkpoint", "selective"])
 @pytest.mark.parametrize("trajectory", [False, True])
-def test_checkpoint_equals_plain_graph_and_reference_loop(trajectory):
+def test_checkpoint_equals_plain_graph_and_reference_loop(trajectory, memory_saving):
     T = 4
     weights = [0.5, 1.0, 0.0, 2.0] if trajectory else [0.0, 0.0, 0.0, 1.0]
     base = _make()
     results, buffers = {}, {}
-    for mode in ("checkpoint", "plain", "python_loop_reference"):
+    for mode in (memory_saving, "plain", "python_loop_reference"):
         step = copy.deepcopy(base).train()
         torch.manual_seed(7)
         x, h0 = _inputs()
         results[mode] = _run(step, x, h0, T, mode, weights)
         buffers[mode] = {n: b.clone() for n, b in step.named_buffers()}
         buffers[mode]["Q"] = step.update.Q.detach().clone()
-    states_c, params_c, gx_c, gh_c = results["checkpoint"]
+    states_c, params_c, gx_c, gh_c = results[memory_saving]
     for other in ("plain", "python_loop_reference"):
         states_o, params_o, gx_o, gh_o = results[other]
         for a, b in zip(states_c, states_o):
@@ -95,13 +97,13 @@ def test_checkpoint_equals_plain_graph_and_reference_loop(trajectory):
         for name in params_c:  # conv.bias feeds BatchNorm, so its gradient is ~1e-15: atol matters
             assert torch.allclose(params_c[name], params_o[name], rtol=1e-9, atol=1e-12), name
         assert rel_err(gx_c, gx_o) < 1e-10 and rel_err(gh_c, gh_o) < 1e-10
-        for name, value in buffers["checkpoint"].items():
+        for name, value in buffers[memory_saving].items():
             # Bitwise against the plain graph (same kernels); to rounding against the reference ops.
             if other == "plain":
                 assert torch.equal(value, buffers[other][name]), f"{name} differs from {other}"
             else:
                 assert torch.allclose(value, buffers[other][name], rtol=1e-10, atol=1e-14), f"{name} vs {other}"
-    assert int(buffers["checkpoint"]["bn.num_batches_tracked"]) == T
+    assert int(buffers[memory_saving]["bn.num_batches_tracked"]) == T
 
 
 def test_eval_mode_and_no_grad_paths():

@@ -7,11 +7,15 @@ implementations on the same inputs: every case of a :attr:`group` builds the
 same tensors from the same seed.
 
 Implementations (``impl``): ``reference`` (:mod:`dfm_fused.reference`, eager),
-``compile`` (``torch.compile`` of the reference) and the dfm_fused backends
-(``torch``, ``cpp``, ``cuda``, ``triton``) forced with ``backend=``. End-to-end
+``reference-compiled`` (the reference under ``torch.compile``, as ``dfbmodels`` ships its
+layers) and the dfm_fused backends (``torch``, ``cpp``, ``cuda``, ``triton``) forced with
+``backend=``. Op cases: the three ops, and ``StateUpdate``: the module in training after
+its QR at t=0, which takes the scalar-decay path (SPEC section 7), against the reference's
+``h + StateExpDecay(GroupNorm(y), t)``. End-to-end
 cases compare a reference model (plain graph over T steps; ``reference-compiled``:
-its layers under ``torch.compile`` as shipped) with the dfm_fused model with
-(``fused``) and without (``fused-nockpt``) the memory-saving unroll, and with the
+its layers under ``torch.compile`` as shipped) with the dfm_fused model in the three
+``unroll`` modes: full recompute (``fused``, ``checkpoint=True``), selective
+(``fused-selective``) and the plain graph (``fused-nockpt``), and with the
 whole iteration as one CUDA graph (``graphed``, :mod:`dfm_fused.bench.e2e`).
 """
 from __future__ import annotations
@@ -41,12 +45,14 @@ __all__ = [
     "parse_shape",
 ]
 
-OPS = ("exp_decay", "feedback_input", "state_update")
+OPS = ("exp_decay", "feedback_input", "state_update", "StateUpdate")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-E2E_IMPLS = ("reference", "fused", "fused-nockpt")
+E2E_IMPLS = ("reference", "fused", "fused-selective", "fused-nockpt")
+# The ``checkpoint`` of each fused end-to-end implementation.
+E2E_CHECKPOINT = {"fused": True, "fused-selective": "selective"}
 E2E_MODES = ("train", "eval")
-REFERENCE_IMPLS = ("reference", "compile")
+REFERENCE_IMPLS = ("reference", "reference-compiled")
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,13 @@ class Shape:
         )
 
 
-# ResNet18 DFM at 224x224 (7x7 state, 56x56 frontend map) and the DeepLabV3+ DFM at
-# 512x512 (state at H/4 with 256+fb channels and 256+fb groups, feedback at H/2).
+# The operating point (SPEC section 7: dfbmodels' ResNet18 DFM on 64x64 Tiny ImageNet, B=128:
+# 528x2x2 state, 16x16 frontend map), ResNet18 DFM at 224x224 (7x7 state, 56x56 frontend map)
+# and the DeepLabV3+ DFM at 512x512 (state at H/4 with 256+fb channels and 256+fb groups,
+# feedback at H/2), in this order of importance.
+OPERATING_POINT = Shape("operating-point", B=128, C=528, H=2, W=2, groups=8, Cx=64, fb=16, fb_groups=8, fH=16, fW=16)
 GPU_SHAPES = {
+    "operating-point": OPERATING_POINT,
     "resnet18": Shape("resnet18", B=64, C=520, H=7, W=7, groups=8, Cx=64, fb=16, fb_groups=8, fH=56, fW=56),
     "segmentation": Shape(
         "segmentation", B=8, C=258, H=128, W=128, groups=258, Cx=64, fb=2, fb_groups=2, fH=256, fW=256
@@ -88,10 +98,12 @@ GPU_SHAPES = {
 }
 # Scaled down on the CPU (batch and spatial size) so the suite runs in minutes.
 CPU_SHAPES = {
+    "operating-point": OPERATING_POINT,
     "resnet18": dataclasses.replace(GPU_SHAPES["resnet18"], B=8),
     "segmentation": dataclasses.replace(GPU_SHAPES["segmentation"], B=1, H=32, W=32, fH=64, fW=64),
 }
 QUICK_SHAPES = {
+    "operating-point": dataclasses.replace(OPERATING_POINT, B=4, C=40, fH=8, fW=8),
     "resnet18": dataclasses.replace(GPU_SHAPES["resnet18"], B=2, H=4, W=4, fH=16, fW=16),
     "segmentation": dataclasses.replace(GPU_SHAPES["segmentation"], B=1, H=8, W=8, fH=16, fW=16),
 }
@@ -209,6 +221,10 @@ class OpCase(_Case):
         def rand(*size, grad=True, dt=dtype):
             return torch.randn(*size, generator=g, dtype=torch.float32).to(device, dt).requires_grad_(grad)
 
+        if self.op == "StateUpdate":
+            h, y = rand(s.B, s.C, s.H, s.W), rand(s.B, s.C, s.H, s.W)
+            return (h, y, 3), [h, y], (s.B, s.C, s.H, s.W)
+
         Q = torch.linalg.qr(torch.randn(s.C, s.C, generator=g, dtype=torch.float64))[0]
         Q = Q.to(device, torch.float32).requires_grad_(True)
         S = (torch.rand(s.C, generator=g) + 0.5).to(device)
@@ -225,15 +241,43 @@ class OpCase(_Case):
     def function(self) -> Callable:
         if self.impl == "reference":
             return getattr(reference, self.op)
-        if self.impl == "compile":
+        if self.impl == "reference-compiled":
             return _compiled_reference(self.op)
         op = getattr(dfm_fused, self.op)
         return lambda *args: op(*args, backend=self.impl)
 
+    def _state_update_module(self, device) -> tuple[Callable, torch.Tensor]:
+        """``(fn(h, y, t), Q)`` for op ``StateUpdate``: the fused module after its training QR at
+        t=0, or the reference's ``h + StateExpDecay(GroupNorm(y), t)`` with the same ``Q``."""
+        s = self.shape
+        torch.manual_seed(_generator_seed(self.op, s))
+        fused = dfm_fused.StateUpdate(s.C, s.groups, tau=1.0).to(device).train()
+        with torch.no_grad():  # the QR at t=0; Q is then orthonormal and the module knows it
+            fused(torch.zeros(1, s.C, 1, 1, device=device), torch.randn(1, s.C, 1, 1, device=device), 0)
+        if self.impl not in REFERENCE_IMPLS:
+            def run(h, y, t):
+                with dfm_fused.use_backend(self.impl):
+                    return fused(h, y, t)
+
+            return run, fused.Q
+        decay = reference.StateExpDecay(s.C, (s.H, s.W), tau=1.0).to(device).train()
+        decay.load_state_dict(fused.state_dict())
+
+        def composition(h, y, t):
+            return h + decay(torch.nn.functional.group_norm(y, s.groups, eps=fused.eps), T=t)
+
+        if self.impl == "reference-compiled":
+            composition = torch.compile(composition, dynamic=False)
+        return composition, decay.Q
+
     def build(self) -> Bench:
         device, dtype = torch.device(self.device), DTYPES[self.dtype]
         args, grad_inputs, out_shape = self._inputs(device, dtype)
-        fn = self.function()
+        if self.op == "StateUpdate":
+            fn, Q = self._state_update_module(device)
+            grad_inputs = [*grad_inputs, Q]
+        else:
+            fn = self.function()
         autocast = _autocast(device, dtype) if self.impl in REFERENCE_IMPLS else contextlib.nullcontext()
 
         def forward():
@@ -307,7 +351,7 @@ class E2ECase(_Case):
 
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(0)
-        checkpoint = self.impl == "fused"
+        checkpoint = E2E_CHECKPOINT.get(self.impl, False)
         if self.model == "small":
             from dfm_fused.bench.models import SmallDFM
 

@@ -21,7 +21,7 @@ __all__ = ["COMPILED_MODULES", "TARGETS", "busy_fraction", "compile_as_shipped",
 
 # The submodules dfbmodels wraps in torch.compile.
 COMPILED_MODULES = ("frontend", "layer1", "layer2", "layer3", "layer4")
-IMPLS = ("reference", "reference-compiled", "fused", "fused-nockpt", "graphed")
+IMPLS = ("reference", "reference-compiled", "fused", "fused-selective", "fused-nockpt", "graphed")
 # Issue 14's settings: (mode, B, image, T). ResNet18-DFM fb_filters=16, 200 classes, float32.
 TARGETS = (("train", 128, (64, 64), 5), ("eval", 8, (64, 64), 8), ("train", 64, (224, 224), 5))
 # The CPU cannot capture graphs and compiles slowly: a scaled-down smoke of the eager ones.
@@ -60,7 +60,7 @@ def target_e2e_cases(device_type: str, dtype: str = "float32", impls=None) -> li
     from dfm_fused.bench.cases import E2ECase
 
     if impls is None:
-        impls = IMPLS if device_type == "cuda" else ("reference", "fused", "fused-nockpt")
+        impls = IMPLS if device_type == "cuda" else ("reference", "fused", "fused-selective", "fused-nockpt")
     targets = TARGETS if device_type == "cuda" else CPU_TARGETS
     return [E2ECase("resnet18", impl, T, B, image, dtype, device_type, mode)
             for mode, B, image, T in targets for impl in impls]

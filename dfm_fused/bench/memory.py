@@ -48,3 +48,22 @@ def forward_live_bytes(forward: Callable[[], object]) -> tuple[int, object]:
     gc.collect()
     exclude = {t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
     return created.live_bytes(exclude), out
+
+
+# Implementations whose forward runs eagerly, so every allocation passes the dispatch mode
+# (compiled code and CUDA-graph replays allocate below it).
+_EAGER_IMPLS = ("reference", "fused", "fused-selective", "fused-nockpt")
+
+
+def e2e_graph_bytes(case, bench) -> dict | None:
+    """Graph memory of an eager end-to-end case, as :func:`forward_live_bytes` counts it, in the keys
+    of :func:`dfm_fused.bench.measure.graph_saved_bytes`; ``None`` for other cases."""
+    if case.kind != "e2e" or case.impl not in _EAGER_IMPLS or bench.backward is None:
+        return None
+    live, out = forward_live_bytes(bench.forward)
+    bench.backward(out)
+    return {
+        "saved_bytes": live,
+        "saved_activation_bytes": live,
+        "graph_kind": "bytes allocated by the forward and alive after it (dispatch mode; sees checkpointed steps)",
+    }

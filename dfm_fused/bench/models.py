@@ -58,7 +58,7 @@ class SmallDFM(nn.Module):
     channels at the frontend's resolution ``H/4``.
     """
 
-    def __init__(self, fused: bool, checkpoint: bool = True, width: int = 64, classes_ch: int = 256, fb: int = 8,
+    def __init__(self, fused: bool, checkpoint: bool | str = True, width: int = 64, classes_ch: int = 256, fb: int = 8,
                  n_classes: int = 200, tau: float = 1.0):
         super().__init__()
         self.fused, self.checkpoint = fused, checkpoint
@@ -73,8 +73,8 @@ class SmallDFM(nn.Module):
             B, _, H, W = images.shape
             h0 = 1e-3 * torch.randn(B, self.classes_ch + self.fb, H // 16, W // 16, device=x.device)
         if self.fused:
-            # The step is its own module: unroll restores the buffers of `module` around
-            # each replay, and the frontend's BatchNorm buffers are saved by its graph.
+            # The step is its own module: unroll freezes its BatchNorm statistics in the
+            # replays; the frontend's BatchNorm runs once, outside the loop.
             h = unroll(self.loop, x, h0, T, checkpoint=self.checkpoint)
         else:
             h = h0

@@ -1,17 +1,27 @@
 """Benchmark of the C++/CUDA extension (``cpp`` on CPU, ``cuda`` on GPU) against ``reference`` and ``torch``.
 
-Forward + backward of ``state_update`` (B=8, C=520, 16x16, 8 groups) and ``feedback_input``
-(B=8, Cx=64, fb=16, 56x56 output from a 7x7 state with 528 channels), every backend timed
-in the same process, interleaved, median of ``--repeat`` runs after warm-up. Prints a table
-and writes JSON to ``benchmarks/results/extension_<device>_<cpu or gpu>_<date>.json``.
+Forward + backward, every implementation timed in the same process, interleaved (one run of
+each in turn, ``--repeat`` rounds after warm-up), median per implementation:
 
-Usage: PYTHONPATH=. python benchmarks/bench_extension.py [--device cpu|cuda] [--repeat 15] [--threads N] [--out PATH]
+- ``StateUpdate``: the module in training after its QR at t=0 (the scalar-decay path, SPEC
+  section 7; gradients for h, y and Q) against the reference's ``h + StateExpDecay(GroupNorm(y), t)``;
+- ``state_update`` (the general path) and ``feedback_input``;
+
+at the operating point (B=128, 528x2x2 state, ``feedback_input`` 16x16 from 2x2), at B=8,
+520x16x16 (8 groups), and ``feedback_input`` at the CPU ResNet18 preset (56x56 from 520x7x7).
+The cases are :class:`dfm_fused.bench.cases.OpCase` builds, as in ``python -m dfm_fused.bench``.
+Prints a table and writes JSON to ``benchmarks/results/extension_<device>_<cpu or gpu>_<date>.json``.
+
+Usage: PYTHONPATH=. python benchmarks/bench_extension.py [--device cpu|cuda] [--repeat 15] [--threads N]
+       [--compile] [--out PATH]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -20,10 +30,19 @@ from pathlib import Path
 
 import torch
 
-import dfm_fused
 from dfm_fused import _extension
+from dfm_fused.bench import cases as C
 
 BACKENDS = {"cpu": ("reference", "torch", "cpp"), "cuda": ("reference", "torch", "cuda")}
+B8_16x16 = dataclasses.replace(C.CPU_SHAPES["resnet18"], name="B8-520x16x16", H=16, W=16)
+CASES = [
+    ("StateUpdate", C.OPERATING_POINT),
+    ("state_update", C.OPERATING_POINT),
+    ("feedback_input", C.OPERATING_POINT),
+    ("StateUpdate", B8_16x16),
+    ("state_update", B8_16x16),
+    ("feedback_input", C.CPU_SHAPES["resnet18"]),
+]
 
 
 def _cpu_model() -> str:
@@ -36,45 +55,10 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown-cpu"
 
 
-def _state_update_case(device):
-    B, C, H, W, groups = 8, 520, 16, 16, 8
-    h = torch.randn(B, C, H, W, device=device, requires_grad=True)
-    y = torch.randn(B, C, H, W, device=device, requires_grad=True)
-    Q = torch.linalg.qr(torch.randn(C, C))[0].to(device).requires_grad_()
-    S = (torch.rand(C) + 0.5).to(device)
-    g = torch.randn(B, C, H, W, device=device)
-
-    def step(backend):
-        out = dfm_fused.state_update(h, y, Q, S, 2.0, 0.1, 1.0, groups, 1e-5, backend=backend)
-        return torch.autograd.grad(out, (h, y, Q), g)
-
-    return {"B": B, "C": C, "H": H, "W": W, "groups": groups}, step
-
-
-def _feedback_input_case(device):
-    B, Cx, fb, H, W, Ch, h_size, groups = 8, 64, 16, 56, 56, 528, 7, 8
-    x = torch.randn(B, Cx, H, W, device=device, requires_grad=True)
-    h = torch.randn(B, Ch, h_size, h_size, device=device, requires_grad=True)
-    g = torch.randn(B, Cx + fb, H, W, device=device)
-
-    def step(backend):
-        out = dfm_fused.feedback_input(x, h, 512, fb, groups, 1e-5, backend=backend)
-        return torch.autograd.grad(out, (x, h), g)
-
-    return {"B": B, "Cx": Cx, "fb": fb, "H": H, "W": W, "state": [Ch, h_size, h_size], "groups": groups}, step
-
-
-def _time(step, backend, repeat, device):
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(backend)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+def _time(bench) -> float:
+    start = time.perf_counter()
+    bench.run()  # synchronises CUDA
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -83,35 +67,38 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also time reference-compiled (torch.compile)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    backends = BACKENDS[device]
+    impls = (*BACKENDS[device], *(("reference-compiled",) if args.compile else ()))
     _extension.require(device)
-    torch.manual_seed(0)
     results = {}
-    for name, make in (("state_update", _state_update_case), ("feedback_input", _feedback_input_case)):
-        shape, step = make(device)
-        for backend in backends:
-            _time(step, backend, args.warmup, device)
-        samples = {b: [] for b in backends}
-        for _ in range(args.repeat):  # interleaved so that machine noise hits every backend alike
-            for backend in backends:
-                samples[backend] += _time(step, backend, 1, device)
-        ms = {b: statistics.median(s) * 1e3 for b, s in samples.items()}
+    for op, shape in CASES:
+        benches = {impl: C.OpCase(op, "fwd+bwd", impl, shape, "float32", device).build() for impl in impls}
+        for bench in benches.values():
+            for _ in range(args.warmup):
+                bench.run()
+        samples = {impl: [] for impl in impls}
+        for _ in range(args.repeat):  # interleaved so that machine noise hits every implementation alike
+            for impl, bench in benches.items():
+                samples[impl].append(_time(bench))
+        ms = {impl: statistics.median(s) * 1e3 for impl, s in samples.items()}
+        name = f"{op} {shape.name}"
         results[name] = {
-            "shape": shape,
+            "op": op,
+            "shape": dataclasses.asdict(shape),
             "median_ms": ms,
-            "min_ms": {b: min(s) * 1e3 for b, s in samples.items()},
-            "speedup_vs_reference": {b: ms["reference"] / ms[b] for b in backends},
-            "speedup_vs_torch": {b: ms["torch"] / ms[b] for b in backends},
+            "min_ms": {impl: min(s) * 1e3 for impl, s in samples.items()},
+            "speedup_vs_reference": {impl: ms["reference"] / ms[impl] for impl in impls},
+            "speedup_vs_torch": {impl: ms["torch"] / ms[impl] for impl in impls},
         }
-        print(f"{name} forward+backward {shape}")
-        for b in backends:
-            print(f"  {b:10s} {ms[b]:9.2f} ms   x{ms['reference'] / ms[b]:5.2f} vs reference   "
-                  f"x{ms['torch'] / ms[b]:5.2f} vs torch")
+        print(f"{name} forward+backward {shape.label()}")
+        for impl in impls:
+            print(f"  {impl:18s} {ms[impl]:9.2f} ms   x{ms['reference'] / ms[impl]:5.2f} vs reference   "
+                  f"x{ms['torch'] / ms[impl]:5.2f} vs torch", flush=True)
     cpu = _cpu_model()
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     record = {
@@ -121,6 +108,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         "threads": torch.get_num_threads(),
+        "load_average_after": os.getloadavg(),
         "torch": torch.__version__,
         "build": _extension.build_info(),
         "repeat": args.repeat,

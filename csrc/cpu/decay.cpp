@@ -270,7 +270,7 @@ void store_columns(at::Tensor& a, int64_t b, int64_t n, const at::Tensor& cols) 
   a.narrow(0, b, n).copy_(cols.view({a.size(1), n, -1}).transpose(0, 1));
 }
 
-// Scalar-decay grad_Q = diag(D) Q (A + A^T), A = sum a g^T, for images too small to make pixel
+// grad_Q = diag(D) Q (A + A^T), A = sum a g^T, for images too small to make pixel
 // tiles wide enough for a fast GEMM each (thin_tiles): A is a few wide GEMMs over all pixels, a
 // and g as (C, P) matrices, in fixed chunks of kPixelChunk pixels accumulated in order. No GEMM
 // has a longer reduction than that or than C (the GEMM by Q, as in grad_Q_from_parts), so
@@ -379,12 +379,14 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
   at::Tensor grad_x = need_x ? empty_output(x.sizes(), x.options(), fmt) : at::empty({0}, x.options());
   at::Tensor grad_Q = at::empty({0}, Q.options());
   if (!need_x && !need_Q) return {grad_x, grad_Q};
-  // Scalar decay with thin tiles: A in one GEMM (grad_Q_thin), not per tile in the pass.
-  if (scalar_decay && need_Q && x.numel() > 0 && thin_tiles(t)) {
+  // Small images: grad_Q's A in wide GEMMs (grad_Q_thin), not per thin tile, wherever A is the
+  // cheaper form (always with scalar_decay; otherwise unless pixels are very few: thin_backward).
+  if (need_Q && x.numel() > 0 && thin_tiles(t) && (scalar_decay || !thin_backward(t))) {
     grad_Q = grad_Q_thin(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()));
     need_Q = false;
   }
-  if (!scalar_decay && x.numel() > 0 && thin_backward(t)) {
+  // General decay on small images: M g by groups of images, not per thin tile.
+  if (!scalar_decay && x.numel() > 0 && (thin_backward(t) || thin_tiles(t))) {
     auto [gx, gQ] = thin_backward_math(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()), need_x, need_Q);
     if (need_x) grad_x.copy_(gx.view(x.sizes()));
     if (need_Q) grad_Q = gQ;
@@ -458,14 +460,14 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
     if (need_Q) grad_Q = at::zeros_like(Q);
     return {grad_y, grad_Q};
   }
-  // Scalar decay with thin tiles: A in one GEMM (grad_Q_thin), not per tile in the pass below.
-  if (scalar_decay && need_Q && thin_tiles(t)) {
+  // Small images: A in wide GEMMs, M g by groups of images, as in exp_decay_backward.
+  if (need_Q && thin_tiles(t) && (scalar_decay || !thin_backward(t))) {
     grad_Q = grad_Q_thin(Q, D, thin_normalize(as_bcp(y, Q.scalar_type()), mean, rstd, groups),
                          as_bcp(grad, Q.scalar_type()));
     need_Q = false;
     if (!need_y) return {grad_y, grad_Q};
   }
-  if (!scalar_decay && thin_backward(t)) {
+  if (!scalar_decay && (thin_backward(t) || thin_tiles(t))) {
     const at::Tensor y3 = as_bcp(y, Q.scalar_type());  // converted once, for GroupNorm and its backward
     auto [gn, gQ] = thin_backward_math(Q, D, thin_normalize(y3, mean, rstd, groups), as_bcp(grad, Q.scalar_type()),
                                        need_y, need_Q);

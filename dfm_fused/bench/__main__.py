@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device to time on; auto (default): cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes, T=1,2, few repeats (a smoke run)")
     p.add_argument("--shapes", type=_shape_list, default=None,
-                   help="op shapes: presets resnet18, segmentation (scaled down on the CPU), each optionally "
-                        "with overrides, e.g. 'resnet18:B=8,H=16,W=16'; ';' separates shapes with overrides "
-                        "(default: both presets)")
+                   help="op shapes: presets operating-point (SPEC section 7: B=128, 528x2x2 state, 16x16 map), "
+                        "resnet18, segmentation (the last two scaled down on the CPU), each optionally with "
+                        "overrides, e.g. 'resnet18:B=8,H=16,W=16'; ';' separates shapes with overrides "
+                        "(default: all three presets)")
     p.add_argument("--dtypes", type=_csv, default=None,
                    help="comma-separated, of float32, bfloat16, float16 (default: float32 on the CPU, "
                         "float32,bfloat16 on a GPU)")
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated passes to time: fwd (forward only), fwd+bwd (forward and backward) "
                         f"(default: {','.join(C.MODES)})")
     p.add_argument("--impls", type=_csv, default=None,
-                   help="op implementations: reference, compile (torch.compile of the reference) and dfm_fused "
-                        "backends; default: reference, the available backends, and compile on CUDA")
+                   help="op implementations: reference, reference-compiled (torch.compile of the reference) and "
+                        "dfm_fused backends; default: reference, the available backends, and reference-compiled on CUDA")
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference (slow to compile on a CPU)")
     p.add_argument("--T", type=_ints, default=None, help="steps of the end-to-end cases (default 1,4,8)")
     p.add_argument("--model", choices=("auto", "resnet18", "small"), default="auto",
@@ -107,7 +108,7 @@ def plan(args) -> tuple[str, list, list[str]]:
     cases: list = []
     if not args.no_ops:
         try:
-            shapes = [C.parse_shape(s, device, args.quick) for s in args.shapes or ["resnet18", "segmentation"]]
+            shapes = [C.parse_shape(s, device, args.quick) for s in args.shapes or C.default_shapes(device, args.quick)]
         except ValueError as exc:
             raise FlagError(f"--shapes: {exc}") from None
         dtypes = args.dtypes or (["float32", "bfloat16"] if device == "cuda" else ["float32"])
@@ -121,14 +122,15 @@ def plan(args) -> tuple[str, list, list[str]]:
             if name not in C.MODES:
                 raise FlagError(f"--modes: expected some of {', '.join(C.MODES)}; got {name!r}")
         fused = C.fused_impls(device)
-        impls = args.impls or ["reference", *(["compile"] if device == "cuda" or args.compile else []), *fused]
-        if args.compile and "compile" not in impls:
-            impls.append("compile")
+        impls = args.impls or ["reference", *(["reference-compiled"] if device == "cuda" or args.compile else []),
+                               *fused]
+        if args.compile and "reference-compiled" not in impls:
+            impls.append("reference-compiled")
         for name in impls:
             if name not in (*C.REFERENCE_IMPLS, *fused):
                 raise FlagError(f"--impls: {name!r} is not available on {device}; available: "
                                 f"{', '.join((*C.REFERENCE_IMPLS, *fused))}")
-        if "compile" not in impls:
+        if "reference-compiled" not in impls:
             notes.append("torch.compile of the reference not timed (add --compile; ~30 s of compile per case on a CPU)")
         cases += C.op_cases(device, shapes, dtypes, impls, args.ops, args.modes)
     if not args.no_e2e:

@@ -9,6 +9,9 @@
   before the pass, measured in a worker subprocess (:mod:`dfm_fused.bench.rss_worker`).
 - floor (CUDA): ``max(bytes / bandwidth, flops / matmul peak)`` of SPEC section 5
   with both peaks measured in the same run.
+- launches and device time: one ``run()`` under ``torch.profiler``: the number of
+  device operations (kernels, copies, memsets) and their summed duration on the device,
+  beside the wall time; the number of ATen calls on every device (host overhead).
 """
 from __future__ import annotations
 
@@ -22,7 +25,15 @@ import time
 
 import torch
 
-__all__ = ["device_peaks", "floor_seconds", "graph_saved_bytes", "peak_cuda_bytes", "peak_rss", "time_bench"]
+__all__ = [
+    "device_peaks",
+    "floor_seconds",
+    "graph_saved_bytes",
+    "launch_profile",
+    "peak_cuda_bytes",
+    "peak_rss",
+    "time_bench",
+]
 
 
 def time_bench(bench, warmup: int = 1, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.0) -> dict:
@@ -43,6 +54,31 @@ def time_bench(bench, warmup: int = 1, min_repeats: int = 3, max_repeats: int = 
         "mean": statistics.fmean(times),
         "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
         "repeats": len(times),
+    }
+
+
+def launch_profile(bench) -> dict:
+    """One ``run()`` (after a warm one) under ``torch.profiler``.
+
+    ``launches``: ``device_ops`` (CUDA kernels, copies and memsets; None on the CPU) and
+    ``aten_calls`` (ATen operators the host dispatched, nested ones included).
+    ``device_time_s`` (CUDA): the summed device duration of those operations, the busy
+    time of the GPU, which the wall time exceeds by the host's launch overhead.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    bench.run()
+    with profile(activities=activities) as prof:
+        bench.run()
+    events = prof.events()
+    device_ops = [e for e in events if e.device_type == DeviceType.CUDA]
+    aten_calls = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
+    return {
+        "launches": {"device_ops": len(device_ops) if cuda else None, "aten_calls": aten_calls},
+        "device_time_s": sum(e.device_time for e in device_ops) / 1e6 if cuda else None,
     }
 
 
@@ -133,11 +169,15 @@ def op_traffic(case) -> tuple[int, int]:
     n = M g and A = n g^T). ``exp_decay`` is the same without h. ``feedback_input``
     is a copy: it reads x and the fed-back slice, writes the concatenation; its
     backward reads the softmax part of the gradient and the slice and writes the
-    slice's gradient (``grad x`` is a view).
+    slice's gradient (``grad x`` is a view). ``StateUpdate`` (the module's scalar-decay
+    path) moves the bytes of ``state_update`` with no per-pixel product.
     """
     s, e = case.shape, torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
     P, C = s.B * s.H * s.W, s.C
     bwd = case.mode == "fwd+bwd"
+    if case.op == "StateUpdate":
+        # The scalar-decay path: no C x C product per pixel; backward forms A = n g^T and Q (A + A^T).
+        return (6 if bwd else 3) * C * P * e, (2 * C * C * P + 2 * C**3) if bwd else 0
     if case.op == "state_update":
         return (6 if bwd else 3) * C * P * e, (6 if bwd else 2) * C * C * P
     if case.op == "exp_decay":

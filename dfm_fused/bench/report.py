@@ -45,8 +45,10 @@ def _fmt(value, spec, suffix=""):
 
 
 def format_table(records: list[dict]) -> str:
-    """A Markdown table, one row per case, grouped as measured."""
-    head = ["case", "impl", "median ms", "speed-up", "peak MiB", "peak ratio", "graph MiB", "graph ratio", "of floor"]
+    """A Markdown table, one row per case, grouped as measured. ``device ms`` and ``launches``
+    (CUDA op cases): the device's busy time and its operations in one pass."""
+    head = ["case", "impl", "median ms", "device ms", "launches", "speed-up", "peak MiB", "peak ratio", "graph MiB",
+            "graph ratio", "of floor"]
     rows = [head, ["---"] * len(head)]
     for r in records:
         if "error" in r:
@@ -58,6 +60,8 @@ def format_table(records: list[dict]) -> str:
             r["group"],
             r["impl"] if r["impl"] == r.get("backend", r["impl"]) else f"{r['impl']} ({r['backend']})",
             _fmt(r["time_s"]["median"] * 1e3, ".2f"),
+            _fmt(r["device_time_s"] * 1e3 if r.get("device_time_s") is not None else None, ".3f"),
+            _fmt((r.get("launches") or {}).get("device_ops"), "d"),
             _fmt(r.get("speedup"), ".2f", "x"),
             _fmt(peak / MiB if peak is not None else None, ".1f"),
             _fmt(r.get("memory_ratio"), ".2f"),

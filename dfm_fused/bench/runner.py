@@ -88,6 +88,8 @@ def measure_case(case, peaks: dict | None = None, **timing) -> dict:
     record["memory"] = memory
     if peaks is not None and case.kind == "op":
         record["floor_s"] = measure.floor_seconds(case, peaks[case.dtype])
+    if case.kind == "op":
+        record.update(measure.launch_profile(bench))
     return record
 
 

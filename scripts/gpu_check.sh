@@ -12,7 +12,7 @@
 #                       a failure, so a truncated check never passes.
 #   GPU_CHECK_SECTIONS  space-separated sections to run (default: all, in the order below):
 #                       environment build triton_tests triton_half_precision triton_tests_large
-#                       cuda_tests capture_tests bench_cli bench_extension bench_triton_ops
+#                       cuda_tests sync_tests capture_tests bench_cli bench_extension bench_triton_ops
 #                       bench_graphed graphed_busy
 #                       `build` is skipped by leaving it out, e.g. to reuse an extension built by
 #                       an earlier run against the same torch (carried as dfm_fused/_C*.so).
@@ -35,7 +35,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 FAILED=0
 : > "$OUT/summary.txt"
-SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_half_precision triton_tests_large cuda_tests capture_tests bench_cli bench_extension bench_triton_ops bench_graphed graphed_busy} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_half_precision triton_tests_large cuda_tests sync_tests capture_tests bench_cli bench_extension bench_triton_ops bench_graphed graphed_busy} "
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-430} ))
 read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST:-}"
 read -r -a CLI_EXTRA <<< "${GPU_CHECK_CLI:-}"
@@ -128,6 +128,13 @@ run_section cuda_tests 90 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_exte
     -rfEs -p no:cacheprovider "${XDIST[@]}" -k "cuda or thread_count" --junitxml="$OUT/cuda_tests.xml" \
     "${PYTEST_EXTRA[@]}"
 
+# ---------------------------------------------------------------- no host sync (issue 13)
+# Every op on every CUDA backend (triton, cuda, torch, reference), general and scalar-decay path,
+# forward and backward under torch.cuda.set_sync_debug_mode("error") at the operating point's
+# shapes, results against the reference.
+run_section sync_tests 60 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_hardening.py -q -rfEs \
+    -p no:cacheprovider -k "sync_with_the_host" --junitxml="$OUT/sync_tests.xml" "${PYTEST_EXTRA[@]}"
+
 # ---------------------------------------------------------------- CUDA graph capture (issue 14)
 # The captured training step against eager (SGD and Adam, memory saving on and off, BatchNorm
 # statistics, dropout masks, accumulation, autocast), the errors, and captured inference (fixed T,
@@ -137,7 +144,8 @@ run_section capture_tests 120 "$PY" -m pytest tests/test_capture.py -q -rfEs -p 
 
 # ---------------------------------------------------------------- benchmarks
 # The main job's CLI: every op and backend against the reference (forward, forward + backward,
-# ResNet18 and segmentation shapes, float32 and bfloat16, floor fractions) and the ResNet18 DFM
+# the operating point (B=128, 528x2x2; StateUpdate: the module's scalar-decay path), ResNet18 and
+# segmentation shapes, float32 and bfloat16, floor fractions, device time and launch counts) and the ResNet18 DFM
 # training step (B=64, 224x224) at T = 1, 4, 5, 8 with memory saving on and off (T = 5: issue 7's
 # target).
 CLI_IMPLS=(--impls reference,torch,triton,cuda)
@@ -145,7 +153,8 @@ if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then CLI_IMPLS=(); fi
 # An interrupted run (time limit) still writes the cases it measured.
 run_section bench_cli 150 "$PY" -m dfm_fused.bench --device cuda --budget 0.2 --T 1,4,5,8 --no-rss \
     "${CLI_IMPLS[@]}" --json "$OUT/bench_cli.json" --png "$OUT/bench_cli.png" "${CLI_EXTRA[@]}"
-# Issue 4's shapes (state_update B=8 C=520 16x16; feedback_input B=8 56x56): cuda vs torch vs reference.
+# Interleaved: StateUpdate (scalar decay), state_update and feedback_input at the operating point, B=8
+# 520x16x16, feedback_input B=8 56x56: cuda vs torch vs reference.
 run_section bench_extension 40 "$PY" benchmarks/bench_extension.py --device cuda --repeat 20 \
     --out "$OUT/bench_extension.json"
 # pytest-benchmark: Triton against the reference and torch.compile of it, large shapes.

@@ -122,6 +122,38 @@ def test_state_update(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scalar_decay(device, dtype):
+    """scalar_decay=True (the modules' path after their QR: Q orthonormal, S uniform): the
+    elementwise kernels against the general reference, gradients of Q included."""
+    B, C, H, W, groups = 3, 20, 7, 5, 4
+    Q = orthogonal(C, device=device)
+    S = torch.full((C,), 0.8, device=device)
+    check_op(
+        lambda x, Q: F.exp_decay(x, Q, S, 3.0, 0.7, 1.5, scalar_decay=True, backend="triton"),
+        lambda x, Q: reference.exp_decay(x, Q, S, 3.0, 0.7, 1.5),
+        {"x": torch.randn(B, C, H, W, device=device).to(dtype), "Q": Q},
+        TOL[dtype],
+    )
+    check_op(
+        lambda h, y, Q: F.state_update(h, y, Q, S, 2.0, 0.5, 1.0, groups, 1e-5, scalar_decay=True, backend="triton"),
+        lambda h, y, Q: reference.state_update(h, y, Q, S, 2.0, 0.5, 1.0, groups, 1e-5),
+        {
+            "h": torch.randn(B, C, H, W, device=device).to(dtype),
+            "y": (3.0 + 2.0 * torch.randn(B, C, H, W, device=device)).to(dtype),
+            "Q": Q,
+        },
+        TOL[dtype],
+    )
+    # The flag selects the elementwise path: on a Q that is not orthonormal the result is still d x.
+    x = torch.randn(B, C, H, W, device=device)
+    bent = Q + 1e-2 * torch.randn_like(Q)
+    d = torch.exp(torch.tensor(-3.0 / 0.7 * 0.8**1.5, device=device))
+    out = F.exp_decay(x, bent, S, 3.0, 0.7, 1.5, scalar_decay=True, backend="triton")
+    assert rel_err(out, d * x) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_state_update_mixed_dtypes(device):
     """float32 state, bfloat16 body output (autocast): the result keeps the state's dtype."""
     B, C, H, W, groups = 2, 20, 5, 3, 5

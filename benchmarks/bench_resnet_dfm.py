@@ -1,15 +1,22 @@
-"""ResNet18-DFM training step: fused (memory saving on / off) against the reference transcription.
+"""ResNet18-DFM training step in the three ``unroll`` modes against the reference transcription.
 
-One training step = forward over T steps, loss, backward. For each variant and T it records
-the median step time (wall clock, and process CPU time, which a shared machine disturbs
-less) over interleaved repeats and activation memory measured with
-``saved_tensors_hooks``: the bytes the forward keeps for backward and the peak of live saved
-bytes over forward and backward (which counts the memory-saving replays), plus on CUDA the
-peak allocated bytes.
-Ratios are against the reference measured in the same process.
+One training step = forward over T steps, cross-entropy, backward, SGD step: the end-to-end
+case of ``python -m dfm_fused.bench`` (:class:`dfm_fused.bench.cases.E2ECase`, ``fb_filters=16``,
+200 classes). Implementations: ``reference`` (plain graph of the literal transcription),
+``fused`` (``checkpoint=True``, full recompute), ``fused-selective`` (``checkpoint="selective"``)
+and ``fused-nockpt`` (``checkpoint=False``, the plain graph).
 
-    python benchmarks/bench_resnet_dfm.py                       # CPU, writes benchmarks/results/resnet18_dfm_<device>.json
-    python benchmarks/bench_resnet_dfm.py --device cuda --batch 32
+For each T the implementations are timed interleaved in this one process (wall clock and
+process CPU time, which a shared machine disturbs less), so that load changes hit all alike.
+Graph memory: the bytes the forward allocates and leaves alive for backward
+(:func:`dfm_fused.bench.memory.forward_live_bytes`). Peak memory: on the CPU the peak resident
+set size of one training step in a subprocess (:func:`dfm_fused.bench.measure.peak_rss`) at
+``--rss-T``; on CUDA ``max_memory_allocated``. The summary gives the issue-15 ratios: time
+against the plain graph, graph against the plain graph and against its T=1 graph, peak
+against the reference.
+
+    python benchmarks/bench_resnet_dfm.py --out benchmarks/results/cpu_<date>/resnet18_dfm_modes.json
+    python benchmarks/bench_resnet_dfm.py --device cuda --batch 64 --size 224 --T 1 5 8 --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -22,134 +29,110 @@ import time
 
 import torch
 
-from dfm_fused import models
-from dfm_fused.models.reference import ReferenceResNet18
+from dfm_fused.bench import measure
+from dfm_fused.bench.cases import E2ECase
+from dfm_fused.bench.memory import e2e_graph_bytes
 
-VARIANTS = ("reference", "fused-memory-saving", "fused-full-graph")
-
-
-def build(variant: str, args):
-    torch.manual_seed(0)
-    cls = ReferenceResNet18 if variant == "reference" else models.ResNet18
-    kwargs = {} if variant == "reference" else {"checkpoint": variant == "fused-memory-saving"}
-    model = cls(fb_filters=args.fb, n_classes=10, shape=(args.size, args.size), **kwargs).to(args.device).train()
-    return model
+IMPLS = ("reference", "fused", "fused-selective", "fused-nockpt")
+PLAIN = "fused-nockpt"
 
 
-def step(model, x, y, T):
-    model.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x, T, atol=-1.0) if isinstance(model, ReferenceResNet18)
-                                             else model(x, T), y)
-    loss.backward()
-    return loss
+def _case(impl, T, args) -> E2ECase:
+    return E2ECase("resnet18", impl, T, args.batch, (args.size, args.size), args.dtype, args.device)
 
 
-class _Saved:
-    """A tensor saved for backward; counts its bytes as live until autograd frees it."""
-
-    live = peak = 0
-
-    def __init__(self, t):
-        self.t, self.nbytes = t, t.numel() * t.element_size()
-        _Saved.live += self.nbytes
-        _Saved.peak = max(_Saved.peak, _Saved.live)
-
-    def __del__(self):
-        _Saved.live -= self.nbytes
-
-
-def graph_bytes(model, x, y, T) -> tuple[int, int]:
-    """(bytes the forward keeps for backward, peak live saved bytes over forward + backward).
-
-    The peak includes the steps the memory-saving backward replays, one at a time.
-    """
-    model.zero_grad(set_to_none=True)
-    _Saved.live = _Saved.peak = 0
-    with torch.autograd.graph.saved_tensors_hooks(_Saved, lambda s: s.t):
-        loss = torch.nn.functional.cross_entropy(model(x, T, atol=-1.0) if isinstance(model, ReferenceResNet18)
-                                                 else model(x, T), y)
-        after_forward = _Saved.live
-        loss.backward()
-    del loss
-    return after_forward, _Saved.peak
-
-
-def peak_cuda_bytes(model, x, y, T) -> int | None:
-    if x.device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step(model, x, y, T)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+def _time_interleaved(benches: dict, repeats: int, sync) -> dict:
+    wall = {impl: [] for impl in benches}
+    cpu = {impl: [] for impl in benches}
+    for bench in benches.values():  # warm-up
+        bench.run()
+    for _ in range(repeats):
+        for impl, bench in benches.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            bench.run()
+            sync()
+            wall[impl].append(time.perf_counter() - t0)
+            cpu[impl].append(time.process_time() - c0)
+    return {impl: {"median_s": statistics.median(wall[impl]), "times_s": wall[impl],
+                   "median_cpu_s": statistics.median(cpu[impl]), "cpu_times_s": cpu[impl]} for impl in benches}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", help="float32, or bfloat16/float16 for autocast")
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--fb", type=int, default=16)
-    parser.add_argument("--T", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--T", type=int, nargs="+", default=[1, 5], help="T values timed (the first is the T=1 graph)")
+    parser.add_argument("--rss-T", type=int, nargs="*", default=[4, 8], help="T values of the CPU peak-RSS runs")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(args.device)
-    y = torch.randint(0, 10, (args.batch,), generator=g).to(args.device)
-    built = {v: build(v, args) for v in VARIANTS}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    results = {"config": vars(args) | {"torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    results = {"config": vars(args) | {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                                       "impls": list(IMPLS)},
                "runs": {}}
-    for T in args.T:
-        times = {v: [] for v in VARIANTS}
-        cpu_times = {v: [] for v in VARIANTS}
-        for v in VARIANTS:  # warm-up
-            step(built[v], x, y, T)
-        for _ in range(args.repeats):  # interleaved so that load changes hit every variant alike
-            for v in VARIANTS:
-                sync()
-                t0, c0 = time.perf_counter(), time.process_time()
-                step(built[v], x, y, T)
-                sync()
-                times[v].append(time.perf_counter() - t0)
-                cpu_times[v].append(time.process_time() - c0)
-        for v in VARIANTS:
-            kept, peak = graph_bytes(built[v], x, y, T)
-            results["runs"][f"{v}/T={T}"] = {
-                "graph_bytes": kept, "peak_saved_bytes": peak,
-                "variant": v, "T": T, "median_s": statistics.median(times[v]), "times_s": times[v],
-                "median_cpu_s": statistics.median(cpu_times[v]), "cpu_times_s": cpu_times[v],
-                "cuda_peak_bytes": peak_cuda_bytes(built[v], x, y, T),
-            }
     runs = results["runs"]
-    summary = {}
     for T in args.T:
-        ref = runs[f"reference/T={T}"]
-        for v in VARIANTS[1:]:
-            r = runs[f"{v}/T={T}"]
-            summary[f"{v}/T={T}"] = {"time_vs_reference": r["median_s"] / ref["median_s"],
-                                     "cpu_time_vs_reference": r["median_cpu_s"] / ref["median_cpu_s"],
-                                     "peak_saved_bytes_vs_reference": r["peak_saved_bytes"] / ref["peak_saved_bytes"]}
-    lo, hi = min(args.T), max(args.T)
-    for v in VARIANTS:
-        summary[f"{v}/peak_saved_bytes_T{hi}_vs_T{lo}"] = (
-            runs[f"{v}/T={hi}"]["peak_saved_bytes"] / runs[f"{v}/T={lo}"]["peak_saved_bytes"]
-        )
-    results["summary"] = summary
-    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / f"resnet18_dfm_{args.device.split(':')[0]}.json")
+        cases = {impl: _case(impl, T, args) for impl in IMPLS}
+        benches = {impl: case.build() for impl, case in cases.items()}
+        timed = _time_interleaved(benches, args.repeats, sync)
+        for impl, case in cases.items():
+            graph = e2e_graph_bytes(case, benches[impl])
+            run = {"impl": impl, "T": T, **timed[impl], "graph_bytes": graph["saved_activation_bytes"]}
+            if cuda:
+                run["peak_bytes"] = measure.peak_cuda_bytes(benches[impl])
+                run["peak_kind"] = "torch.cuda.max_memory_allocated above the allocation before the step"
+            runs[f"{impl}/T={T}"] = run
+        del benches
+    if not cuda and args.rss_T:
+        specs = [_case(impl, T, args).spec() for T in args.rss_T for impl in IMPLS]
+        found = measure.peak_rss(specs)
+        for T in args.rss_T:
+            for impl in IMPLS:
+                result = found[_case(impl, T, args).id]
+                entry = runs.setdefault(f"{impl}/T={T}", {"impl": impl, "T": T})
+                entry["peak_bytes"] = result.get("rss_peak_bytes")
+                entry["peak_kind"] = "peak RSS of one training step above the process size before it (subprocess)"
+                if "rss_error" in result:
+                    entry["peak_error"] = result["rss_error"]
+    results["summary"] = summarize(runs, args.T)
+    out = pathlib.Path(args.out or pathlib.Path("bench_results") / f"resnet18_dfm_modes_{args.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"{'variant':<22}{'T':>3}{'median s':>10}{'cpu s':>8}{'kept MiB':>10}{'peak MiB':>10}")
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{'impl':<17}{'T':>3}{'median s':>10}{'cpu s':>8}{'graph MiB':>11}{'peak MiB':>10}")
     for r in runs.values():
-        print(f"{r['variant']:<22}{r['T']:>3}{r['median_s']:>10.3f}{r['median_cpu_s']:>8.3f}"
-              f"{r['graph_bytes'] / 2**20:>10.1f}{r['peak_saved_bytes'] / 2**20:>10.1f}")
-    for k, v in summary.items():
-        print(f"{k}: {json.dumps(v) if isinstance(v, dict) else round(v, 3)}")
+        cells = [f"{r[k]:>{w}.3f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w in (("median_s", 10), ("median_cpu_s", 8))]
+        mib = [f"{r[k] / 2**20:>{w}.2f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w in (("graph_bytes", 11), ("peak_bytes", 10))]
+        print(f"{r['impl']:<17}{r['T']:>3}{''.join(cells)}{''.join(mib)}")
+    for key, value in results["summary"].items():
+        print(f"{key}: {json.dumps(value)}")
     print(f"written: {out}")
+
+
+def summarize(runs: dict, timed_T) -> dict:
+    """Ratios per T: time and CPU time against the plain graph, graph against the plain graph and
+    the plain graph at the smallest T, peak against the reference (where measured)."""
+    summary = {}
+    T1 = min(timed_T)
+    for key, r in runs.items():
+        T, impl = r["T"], r["impl"]
+        plain, ref = runs.get(f"{PLAIN}/T={T}", {}), runs.get(f"reference/T={T}", {})
+        ratios = {}
+        if "median_s" in r and "median_s" in plain:
+            ratios["time_vs_plain"] = r["median_s"] / plain["median_s"]
+            ratios["cpu_time_vs_plain"] = r["median_cpu_s"] / plain["median_cpu_s"]
+        if "graph_bytes" in r and "graph_bytes" in plain:
+            ratios["graph_vs_plain"] = r["graph_bytes"] / plain["graph_bytes"]
+            ratios[f"graph_vs_plain_T{T1}"] = r["graph_bytes"] / runs[f"{PLAIN}/T={T1}"]["graph_bytes"]
+        if r.get("peak_bytes") is not None and ref.get("peak_bytes"):
+            ratios["peak_vs_reference"] = r["peak_bytes"] / ref["peak_bytes"]
+        summary[key] = ratios
+    return summary
 
 
 if __name__ == "__main__":

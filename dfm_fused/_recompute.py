@@ -152,6 +152,15 @@ def _schema(func):
     return info
 
 
+def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    """The non-empty tensors an aten op writes into (its mutable arguments)."""
+    out = []
+    for position, name in _schema(func)[0]:
+        target = kwargs[name] if name in kwargs else args[position] if position < len(args) else None
+        out += [t for t in tree_leaves(target) if isinstance(t, torch.Tensor) and t.numel()]
+    return out
+
+
 class _WriteGuard(TorchDispatchMode):
     """Raise when an op writes into a tensor that existed before the replay (other than ``allowed``
     storages): a replay must not change parameters, foreign buffers or anything else the forward,
@@ -164,23 +173,19 @@ class _WriteGuard(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        written, aliasing = _schema(func)
-        for position, name in written:
-            target = kwargs[name] if name in kwargs else args[position] if position < len(args) else None
-            for tensor in tree_leaves(target):
-                if isinstance(tensor, torch.Tensor) and tensor.numel():
-                    pointer = tensor.untyped_storage().data_ptr()
-                    if pointer not in self.created and pointer not in self.allowed:
-                        raise RuntimeError(
-                            f"unroll(checkpoint=...): the step modified a tensor of shape {tuple(tensor.shape)} in place "
-                            f"({func}) while being replayed in backward, and that tensor is not a buffer or frozen "
-                            "parameter of `module` that the forward changed too. Replaying it would change what the "
-                            "forward and the optimiser see. Pass module=<the nn.Module holding it> to unroll, make the "
-                            "step skip the write when dfm_fused.is_recomputing() is true (dfm_fused modules do; "
-                            "dfm_fused.patch() swaps reference StateExpDecay modules for them), or use checkpoint=False."
-                        )
+        for tensor in written_tensors(func, args, kwargs):
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer not in self.created and pointer not in self.allowed:
+                raise RuntimeError(
+                    f"unroll(checkpoint=...): the step modified a tensor of shape {tuple(tensor.shape)} in place "
+                    f"({func}) while being replayed in backward, and that tensor is not a buffer or frozen "
+                    "parameter of `module` that the forward changed too. Replaying it would change what the "
+                    "forward and the optimiser see. Pass module=<the nn.Module holding it> to unroll, make the "
+                    "step skip the write when dfm_fused.is_recomputing() is true (dfm_fused modules do; "
+                    "dfm_fused.patch() swaps reference StateExpDecay modules for them), or use checkpoint=False."
+                )
         out = func(*args, **kwargs)
-        if not aliasing:
+        if not _schema(func)[1]:
             for tensor in tree_leaves(out):
                 if isinstance(tensor, torch.Tensor):
                     self.created.add(tensor.untyped_storage().data_ptr())

@@ -34,7 +34,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint as _checkpoint, create_selective_checkpoint_contexts
 
 from dfm_fused import _checks
-from dfm_fused._recompute import StepStates, _copy_all, tracked_tensors
+from dfm_fused._recompute import StepStates, _copy_all, tracked_tensors, written_tensors
 from dfm_fused.modules import _DecayParameters
 
 __all__ = ["unroll", "MODES"]
@@ -108,7 +108,7 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
     if mode is False or not torch.is_grad_enabled():
         with _restored_on_error(module):
             return _plain_unroll(step, x, h0, T, return_states)
-    policy = _keep_costly_outputs if mode == "selective" else None
+    selective = mode == "selective"
     outputs, h = [], h0
     with _restored_on_error(module) as originals:
         states = StepStates(module, originals)
@@ -119,7 +119,7 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
             else:
                 h_next = _checkpoint(
                     step, x, h, t, use_reentrant=False, preserve_rng_state=preserve_rng_state,
-                    context_fn=functools.partial(_contexts, states, t, policy),
+                    context_fn=functools.partial(_contexts, states, t, selective),
                 )
             states.end_step()
             _check_next_state(h_next, h, t)
@@ -130,15 +130,31 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
     return outputs if return_states else h
 
 
-def _keep_costly_outputs(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+class _KeepCostlyOutputs:
+    """Selective policy of one step: keep the outputs of ``_KEPT_OPS``, recompute the rest.
+
+    An in-place op on a kept output (``ReLU(inplace=True)`` right after a convolution) is kept
+    too, so that the replay takes its result instead of applying it a second time to the kept
+    tensor, which holds the mutated value (nothing in a valid graph needs the value before the
+    mutation: autograd would have raised)."""
+
+    def __init__(self):
+        self.kept: set[int] = set()
+
+    def __call__(self, ctx, op, *args, **kwargs):
+        if op in _KEPT_OPS:
+            self.kept.add(ctx.op_output.untyped_storage().data_ptr())
+            return CheckpointPolicy.MUST_SAVE
+        if self.kept and any(t.untyped_storage().data_ptr() in self.kept for t in written_tensors(op, args, kwargs)):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _contexts(states: StepStates, t: int, policy):
+def _contexts(states: StepStates, t: int, selective: bool):
     """``torch.utils.checkpoint``'s ``context_fn``: (forward context, recompute context)."""
-    if policy is None:
+    if not selective:
         return contextlib.nullcontext(), states.replaying(t)
-    forward, recompute = create_selective_checkpoint_contexts(policy)
+    forward, recompute = create_selective_checkpoint_contexts(_KeepCostlyOutputs(), allow_cache_entry_mutation=True)
     return forward, states.replaying(t, outer=recompute)
 
 

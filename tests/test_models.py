@@ -144,10 +144,10 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _twin_runs(make, x, T, **kwargs):
-    """The same model, memory-saving vs full graph, from the same RNG and initial state."""
+def _twin_runs(make, x, T, modes=(True, False), **kwargs):
+    """The same model in each ``checkpoint`` mode (memory saving, full graph), from the same RNG and initial state."""
     out = {}
-    for checkpoint in (True, False):
+    for checkpoint in modes:
         torch.manual_seed(1)
         model = make()
         model.checkpoint = checkpoint
@@ -178,17 +178,19 @@ def _assert_grads_close(actual: dict, expected: dict, tol: float = 1e-5):
 def test_memory_saving_matches_full_graph(make, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
-    runs = _twin_runs(make, x, 3)
-    (y1, g1, s1), (y0, g0, s0) = runs[True], runs[False]
-    assert torch.isfinite(y1).all()
-    assert_close(y1, y0, torch.float32, "logits")
+    runs = _twin_runs(make, x, 3, modes=(True, "selective", False))
+    y0, g0, s0 = runs[False]
     assert "error_head.Q" in g0 and any(n.startswith(("conv1.", "frontend.")) for n in g0)
-    _assert_grads_close(g1, g0)
-    for name in s0:  # BatchNorm statistics updated once per step, QR once per forward
-        if s0[name].is_floating_point():
-            assert_close(s1[name], s0[name], torch.float32, name)
-        else:
-            assert torch.equal(s1[name], s0[name]), name
+    for mode in (True, "selective"):
+        y1, g1, s1 = runs[mode]
+        assert torch.isfinite(y1).all()
+        assert_close(y1, y0, torch.float32, "logits")
+        _assert_grads_close(g1, g0)
+        for name in s0:  # BatchNorm statistics updated once per step, QR once per forward
+            if s0[name].is_floating_point():
+                assert_close(s1[name], s0[name], torch.float32, name)
+            else:
+                assert torch.equal(s1[name], s0[name]), name
 
 
 @pytest.mark.parametrize("cls, fb", [(models.ResNet34, 8), (models.ResNet50, 2)])

@@ -100,6 +100,10 @@ def decay_grad_Q(Q: torch.Tensor, D: torch.Tensor, A: torch.Tensor) -> torch.Ten
     return as_dtype(grad, Q.dtype)
 
 
+# Pixels per image from which a per-image GEMM (C x C by C x H*W) is wide enough to run near full speed.
+_WIDE_IMAGE = 64
+
+
 def _pixels_last(x: torch.Tensor) -> bool:
     """True when ``x`` (B, C, H, W) is stored channels-last, so (B*H*W, C) is a free view."""
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
@@ -116,6 +120,11 @@ def apply_channel_matrix(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if _pixels_last(x):
         # Rows are pixels here, so the product is x_rows @ M^T.
         return (x.permute(0, 2, 3, 1).reshape(-1, C) @ M.t()).view(B, H, W, C).permute(0, 3, 1, 2)
+    if H * W < _WIDE_IMAGE:
+        # Small images (the operating point's 2x2 states): one wide GEMM over all pixels, with a
+        # copy to (C, B*H*W) and back, instead of B thin ones.
+        wide = M @ x.transpose(0, 1).reshape(C, -1)
+        return wide.view(C, B, H, W).transpose(0, 1).contiguous()
     return torch.matmul(M, x.reshape(B, C, H * W)).view(B, C, H, W)
 
 

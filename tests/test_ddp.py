@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 
 import dfm_fused
 
+from _helpers import assert_close
+
 STEPS, T, BATCH, LR = 3, 3, 4, 0.05
 
 
@@ -75,6 +77,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     single = model.state_dict()
     moved = 0
     for name, value in single.items():
-        torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        # Relative 2-norm: gloo sums the two halves' gradients in another order than one process.
+        assert_close(distributed[name], value, torch.float32, name)
         moved += not torch.equal(value, initial[name])
     assert moved >= 8  # training changed the weights, so the comparison is not vacuous

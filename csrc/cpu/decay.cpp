@@ -244,30 +244,16 @@ at::Tensor as_bcp(const at::Tensor& x, at::ScalarType acc) {
   return x.to(acc).contiguous().view({x.size(0), x.size(1), -1});
 }
 
-// The thin path works on groups of whole images, fixed by the shape alone: each group's pixels
-// form one (C, n) matrix with n >= 64 columns where the batch allows, wide enough for the
-// GEMM. As in the tiled path, every GEMM is one ATen call on one thread's group inside
-// at::parallel_for and the grad_Q partials are summed in chunk order, so the result does not
-// depend on the thread count. (A multithreaded BLAS call may split its work by the thread
-// count: a batched at::matmul here did, on an Intel host with MKL.)
-struct ImageGroups {
-  int64_t B, size, count;
-  ImageGroups(int64_t B_, int64_t HW) : B(B_) {
-    size = std::max<int64_t>(1, std::min<int64_t>(B, (64 + HW - 1) / HW));
-    count = (B + size - 1) / size;
-  }
-  int64_t begin(int64_t i) const { return i * size; }
-  int64_t images(int64_t i) const { return std::min(size, B - i * size); }
-};
+// The thin path works on whole (C, P) matrices, the pixels of all images as columns (a copy):
+// plain GEMMs, multithreaded by the BLAS, whose reductions run over C (products by Q) or over
+// the pixels (grad_Q's sums, in fixed chunks where they could be long), as the GEMM by Q in
+// grad_Q_from_parts, so the results do not depend on the thread count. (A batched at::matmul
+// here did depend on it, on an Intel host with MKL.)
+at::Tensor columns(const at::Tensor& a) { return a.transpose(0, 1).reshape({a.size(1), -1}); }
 
-// Images [b, b + n) of a (B, C, P) tensor as a (C, n * P) matrix (a copy).
-at::Tensor group_columns(const at::Tensor& a, int64_t b, int64_t n) {
-  return a.narrow(0, b, n).transpose(0, 1).reshape({a.size(1), -1});
-}
-
-// Writes a (C, n * P) matrix back into images [b, b + n) of a (B, C, P) tensor.
-void store_columns(at::Tensor& a, int64_t b, int64_t n, const at::Tensor& cols) {
-  a.narrow(0, b, n).copy_(cols.view({a.size(1), n, -1}).transpose(0, 1));
+// A (C, B * P) matrix back as a (B, C, P) tensor.
+at::Tensor from_columns(const at::Tensor& cols, int64_t B) {
+  return cols.view({cols.size(0), B, -1}).transpose(0, 1).contiguous();
 }
 
 // grad_Q = diag(D) Q (A + A^T), A = sum a g^T, for images too small to make pixel
@@ -280,7 +266,6 @@ constexpr int64_t kPixelChunk = 1024;
 bool thin_tiles(const Tiling& t) { return t.tile < 64; }
 
 at::Tensor grad_Q_thin(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a, const at::Tensor& g) {
-  const auto columns = [](const at::Tensor& t) { return t.transpose(0, 1).reshape({t.size(1), -1}); };
   const at::Tensor ac = columns(a), gc = columns(g);
   const int64_t P = ac.size(1);
   at::Tensor A = at::mm(ac.narrow(1, 0, std::min(P, kPixelChunk)), gc.narrow(1, 0, std::min(P, kPixelChunk)).t());
@@ -292,47 +277,25 @@ at::Tensor grad_Q_thin(const at::Tensor& Q, const at::Tensor& D, const at::Tenso
 }
 
 // Q^T diag(D) Q a per pixel; a: (B, C, P) in the math dtype, as is the result.
-at::Tensor thin_apply(const at::Tensor& Q_, const at::Tensor& D_, const at::Tensor& a) {
-  // Detached: worker threads do not inherit the caller's autograd exclusion.
-  const at::Tensor Q = Q_.detach(), Qt = Q.t(), D = D_.detach().unsqueeze(1);
-  const ImageGroups groups(a.size(0), a.size(2));
-  at::Tensor out = at::empty_like(a);
-  at::parallel_for(0, groups.count, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const at::Tensor DQa = at::mm(Q, group_columns(a, groups.begin(i), groups.images(i))).mul_(D);
-      store_columns(out, groups.begin(i), groups.images(i), at::mm(Qt, DQa));
-    }
-  });
-  return out;
+at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a) {
+  const at::Tensor DQa = at::mm(Q, columns(a)).mul_(D.unsqueeze(1));
+  return from_columns(at::mm(Q.t(), DQa), a.size(0));
 }
 
 // (M g, diag(D) Q (A + A^T)) with A = sum a g^T, without M or A:
-// grad_Q = sum over pixels of (D Q a) g^T + (D Q g) a^T.
+// grad_Q = sum over pixels of (D Q a) g^T + (D Q g) a^T (reductions over P < 2C/3 pixels).
 // a, g: (B, C, P) in the math dtype, as is grad_a. Undefined where not needed.
-std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q_, const at::Tensor& D_, const at::Tensor& a,
+std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a,
                                                       const at::Tensor& g, bool need_a, bool need_Q) {
-  const at::Tensor Q = Q_.detach(), Qt = Q.t(), D = D_.detach().unsqueeze(1);
-  const ImageGroups groups(g.size(0), g.size(2));
-  const int64_t chunks = std::min(kChunks, groups.count);
-  at::Tensor grad_a = need_a ? at::empty_like(g) : at::Tensor();
-  at::Tensor parts = need_Q ? at::zeros({chunks, Q.size(0), Q.size(0)}, g.options()) : at::Tensor();
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      int64_t begin, end;
-      chunk_range(groups.count, chunks, k, begin, end);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = groups.begin(i), n = groups.images(i);
-        const at::Tensor gi = group_columns(g, b, n);
-        const at::Tensor DQg = at::mm(Q, gi).mul_(D);
-        if (need_a) store_columns(grad_a, b, n, at::mm(Qt, DQg));
-        if (need_Q) {
-          const at::Tensor ai = group_columns(a, b, n);
-          parts[k].addmm_(at::mm(Q, ai).mul_(D), gi.t()).addmm_(DQg, ai.t());
-        }
-      }
-    }
-  });
-  return {grad_a, need_Q ? sum_chunks(parts) : at::Tensor()};
+  const at::Tensor Dc = D.unsqueeze(1), gc = columns(g);
+  const at::Tensor DQg = at::mm(Q, gc).mul_(Dc);
+  at::Tensor grad_a, grad_Q;
+  if (need_a) grad_a = from_columns(at::mm(Q.t(), DQg), g.size(0));
+  if (need_Q) {
+    const at::Tensor ac = columns(a);
+    grad_Q = at::mm(at::mm(Q, ac).mul_(Dc), gc.t()).addmm_(DQg, ac.t());
+  }
+  return {grad_a, grad_Q};
 }
 
 // GroupNorm(y) from the saved statistics; y3 is y as (B, C, P) in the math dtype (as_bcp).

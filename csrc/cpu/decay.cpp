@@ -227,6 +227,43 @@ void group_norm_backward(const Tiling& t, const acc_t* gn, const scalar_t* y, co
   });
 }
 
+// Scalar decay (gn = D g), NCHW: grad_y = rstd (gn - mean(gn)) - (y - mean) rstd^2 mean(gn n) per
+// (image, group), each group one contiguous run of cpg * HW elements: two passes over the run,
+// no pixel tiles (the operating point's 2x2 images make them 4 pixels wide).
+template <typename scalar_t, typename acc_t>
+void scaled_group_norm_backward(const Tiling& t, const scalar_t* g, const scalar_t* y, const acc_t* D,
+                                const acc_t* mean, const acc_t* rstd, int64_t groups, scalar_t* grad_y) {
+  const int64_t cpg = t.C / groups, run = cpg * t.HW;
+  at::parallel_for(0, t.B * groups, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t base = i * run, c0 = (i % groups) * cpg;
+      const acc_t m = mean[i], r = rstd[i];
+      double s1 = 0, s2 = 0;
+      for (int64_t c = 0; c < cpg; ++c) {
+        const acc_t d = D[c0 + c];
+        const scalar_t* gs = g + base + c * t.HW;
+        const scalar_t* ys = y + base + c * t.HW;
+#pragma omp simd reduction(+ : s1, s2)
+        for (int64_t p = 0; p < t.HW; ++p) {
+          const acc_t gn = d * static_cast<acc_t>(gs[p]);
+          s1 += gn;
+          s2 += static_cast<double>(gn) * ((static_cast<acc_t>(ys[p]) - m) * r);
+        }
+      }
+      const acc_t k1 = static_cast<acc_t>(r * s1 / run), k2 = static_cast<acc_t>(static_cast<double>(r) * r * s2 / run);
+      for (int64_t c = 0; c < cpg; ++c) {
+        const acc_t dr = D[c0 + c] * r;
+        const int64_t o = base + c * t.HW;
+#pragma omp simd
+        for (int64_t p = 0; p < t.HW; ++p) {
+          grad_y[o + p] = static_cast<scalar_t>(dr * static_cast<acc_t>(g[o + p]) - k1 -
+                                                (static_cast<acc_t>(y[o + p]) - m) * k2);
+        }
+      }
+    }
+  });
+}
+
 Tiling tiling_of(const at::Tensor& x) {
   return Tiling(x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x));
 }
@@ -440,6 +477,15 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
       grad_y.copy_(std::get<0>(gy));
     }
     if (need_Q) grad_Q = gQ;
+    return {grad_y, grad_Q};
+  }
+  if (scalar_decay && !need_Q && !t.cl && thin_tiles(t)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_scaled_gn_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      scaled_group_norm_backward(t, grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                                 D.contiguous().const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+                                 rstd.const_data_ptr<acc_t>(), groups, grad_y.mutable_data_ptr<scalar_t>());
+    });
     return {grad_y, grad_Q};
   }
   const int64_t chunks = std::max<int64_t>(1, std::min(kChunks, t.num_tiles()));

@@ -8,10 +8,11 @@ Three modes (``checkpoint=``):
   activation memory is one step's graph plus the T states, and T-1 forwards are
   recomputed. The last step keeps its graph, since its backward comes first.
 - ``"selective"``: every step runs under a selective checkpoint policy
-  (``create_selective_checkpoint_contexts``) that keeps the convolution
-  outputs (in bfloat16/float16 under autocast, as the convolutions produce them)
-  and recomputes the rest: BatchNorm-apply, ReLU, GroupNorm, the fused ops,
-  softmax. About half the plain graph's memory at almost no recompute.
+  (``create_selective_checkpoint_contexts``) that keeps the outputs of the
+  convolutions with a kernel larger than 1x1 (in bfloat16/float16 under autocast,
+  as the convolutions produce them) and recomputes the rest: BatchNorm-apply,
+  ReLU, GroupNorm, the fused ops, softmax, pointwise convolutions. About half
+  the plain graph's memory for a fraction of a forward's recompute.
 - ``False``: the plain graph through all steps (fastest, memory grows with T).
 
 The replay is faithful (see :mod:`dfm_fused._recompute`): RNG (dropout masks)
@@ -42,8 +43,14 @@ __all__ = ["unroll", "MODES"]
 Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 MODES = (True, "selective", False)
 
-# Ops whose outputs the selective mode keeps: the costly ones. Everything else is recomputed.
+# Ops whose outputs the selective mode keeps: the costly ones. Everything else is recomputed,
+# pointwise (1x1) convolutions included: a GEMM with 1/9 of a 3x3 convolution's work per output
+# element (a ResNet's downsampling shortcuts), whose outputs are ~15% of a ResNet18-DFM step's.
 _KEPT_OPS = (torch.ops.aten.convolution.default,)
+
+
+def _is_costly(op, args) -> bool:
+    return op in _KEPT_OPS and any(k > 1 for k in args[1].shape[2:])
 
 
 def unroll(
@@ -131,7 +138,8 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
 
 
 class _KeepCostlyOutputs:
-    """Selective policy of one step: keep the outputs of ``_KEPT_OPS``, recompute the rest.
+    """Selective policy of one step: keep the outputs of costly ops (convolutions with a kernel
+    larger than 1x1), recompute the rest.
 
     An in-place op on a kept output (``ReLU(inplace=True)`` right after a convolution) is kept
     too, so that the replay takes its result instead of applying it a second time to the kept
@@ -140,12 +148,20 @@ class _KeepCostlyOutputs:
 
     def __init__(self):
         self.kept: set[int] = set()
+        # torch releases whose policy context has no ``op_output`` cannot say which storages are
+        # kept: every in-place op is kept then (correct, with more memory).
+        self.every_write = False
 
     def __call__(self, ctx, op, *args, **kwargs):
-        if op in _KEPT_OPS:
-            self.kept.add(ctx.op_output.untyped_storage().data_ptr())
+        if _is_costly(op, args):
+            output = getattr(ctx, "op_output", None)
+            if output is None:
+                self.every_write = True
+            else:
+                self.kept.add(output.untyped_storage().data_ptr())
             return CheckpointPolicy.MUST_SAVE
-        if self.kept and any(t.untyped_storage().data_ptr() in self.kept for t in written_tensors(op, args, kwargs)):
+        written = written_tensors(op, args, kwargs)
+        if written and (self.every_write or any(t.untyped_storage().data_ptr() in self.kept for t in written)):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -297,13 +297,12 @@ at::Tensor from_columns(const at::Tensor& cols, int64_t B) {
 // tiles wide enough for a fast GEMM each (thin_tiles): A is a few wide GEMMs over all pixels, a
 // and g as (C, P) matrices, in fixed chunks of kPixelChunk pixels accumulated in order. No GEMM
 // has a longer reduction than that or than C (the GEMM by Q, as in grad_Q_from_parts), so
-// results do not depend on the thread count. a, g: (B, C, P) in the math dtype.
+// results do not depend on the thread count. ac, gc: (C, B * P) columns (columns()) in the math dtype.
 constexpr int64_t kPixelChunk = 1024;
 
 bool thin_tiles(const Tiling& t) { return t.tile < 64; }
 
-at::Tensor grad_Q_thin(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a, const at::Tensor& g) {
-  const at::Tensor ac = columns(a), gc = columns(g);
+at::Tensor grad_Q_thin(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& ac, const at::Tensor& gc) {
   const int64_t P = ac.size(1);
   at::Tensor A = at::mm(ac.narrow(1, 0, std::min(P, kPixelChunk)), gc.narrow(1, 0, std::min(P, kPixelChunk)).t());
   for (int64_t p0 = kPixelChunk; p0 < P; p0 += kPixelChunk) {
@@ -339,6 +338,16 @@ std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const
 at::Tensor thin_normalize(const at::Tensor& y3, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups) {
   const int64_t B = y3.size(0);
   return ((y3.view({B, groups, -1}) - mean.unsqueeze(2)) * rstd.unsqueeze(2)).view(y3.sizes());
+}
+
+// columns(thin_normalize(y3, ...)) in one pass: y rstd - mean rstd written straight into the columns.
+at::Tensor normalized_columns(const at::Tensor& y3, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups) {
+  const int64_t B = y3.size(0), C = y3.size(1), HW = y3.size(2);
+  at::Tensor cols = at::empty({C, B, HW}, y3.options());
+  at::Tensor out = cols.transpose(0, 1).view({B, groups, C / groups, HW});
+  const at::Tensor r = rstd.view({B, groups, 1, 1});
+  at::addcmul_out(out, -mean.view({B, groups, 1, 1}) * r, y3.view({B, groups, C / groups, HW}), r);
+  return cols.view({C, -1});
 }
 
 }  // namespace
@@ -382,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad_, c
   // Small images: grad_Q's A in wide GEMMs (grad_Q_thin), not per thin tile, wherever A is the
   // cheaper form (always with scalar_decay; otherwise unless pixels are very few: thin_backward).
   if (need_Q && x.numel() > 0 && thin_tiles(t) && (scalar_decay || !thin_backward(t))) {
-    grad_Q = grad_Q_thin(Q, D, as_bcp(x, Q.scalar_type()), as_bcp(grad, Q.scalar_type()));
+    grad_Q = grad_Q_thin(Q, D, columns(as_bcp(x, Q.scalar_type())), columns(as_bcp(grad, Q.scalar_type())));
     need_Q = false;
   }
   // General decay on small images: M g by groups of images, not per thin tile.
@@ -462,8 +471,8 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
   }
   // Small images: A in wide GEMMs, M g by groups of images, as in exp_decay_backward.
   if (need_Q && thin_tiles(t) && (scalar_decay || !thin_backward(t))) {
-    grad_Q = grad_Q_thin(Q, D, thin_normalize(as_bcp(y, Q.scalar_type()), mean, rstd, groups),
-                         as_bcp(grad, Q.scalar_type()));
+    grad_Q = grad_Q_thin(Q, D, normalized_columns(as_bcp(y, Q.scalar_type()), mean, rstd, groups),
+                         columns(as_bcp(grad, Q.scalar_type())));
     need_Q = false;
     if (!need_y) return {grad_y, grad_Q};
   }

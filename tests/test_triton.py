@@ -490,7 +490,7 @@ def test_interpreter_suite():
     assert proc.returncode == 0, report
     passed = re.search(r"(\d+) passed", proc.stdout)
     # Every cpu case must have run: a silently skipped suite is a failure.
-    cpu_cases = (2 * len(DECAY_SHAPES) * len(DTYPES) + len(FEEDBACK_GEOMETRIES) * len(DTYPES)
+    cpu_cases = (2 * len(DECAY_SHAPES) * len(DTYPES) + len(DTYPES) + len(FEEDBACK_GEOMETRIES) * len(DTYPES)
                  + 2 * len(HALF_DTYPES) + 5)
     assert passed and int(passed.group(1)) == cpu_cases, report
     assert " failed" not in proc.stdout, report

@@ -73,9 +73,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    results = {"config": vars(args) | {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                                       "impls": list(IMPLS)},
-               "runs": {}}
+    machine = platform.processor() or platform.machine()
+    config = vars(args) | {"torch": torch.__version__, "machine": machine, "impls": list(IMPLS)}
+    results = {"config": config, "runs": {}}
     runs = results["runs"]
     for T in args.T:
         cases = {impl: _case(impl, T, args) for impl in IMPLS}
@@ -101,17 +101,23 @@ def main(argv=None):
                 if "rss_error" in result:
                     entry["peak_error"] = result["rss_error"]
     results["summary"] = summarize(runs, args.T)
-    out = pathlib.Path(args.out or pathlib.Path("bench_results") / f"resnet18_dfm_modes_{args.device.split(':')[0]}.json")
+    device_type = args.device.split(":")[0]
+    out = pathlib.Path(args.out or pathlib.Path("bench_results") / f"resnet18_dfm_modes_{device_type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'impl':<17}{'T':>3}{'median s':>10}{'cpu s':>8}{'graph MiB':>11}{'peak MiB':>10}")
     for r in runs.values():
-        cells = [f"{r[k]:>{w}.3f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w in (("median_s", 10), ("median_cpu_s", 8))]
-        mib = [f"{r[k] / 2**20:>{w}.2f}" if r.get(k) is not None else f"{'-':>{w}}" for k, w in (("graph_bytes", 11), ("peak_bytes", 10))]
-        print(f"{r['impl']:<17}{r['T']:>3}{''.join(cells)}{''.join(mib)}")
+        cells = [_cell(r.get(k), w, ".3f") for k, w in (("median_s", 10), ("median_cpu_s", 8))]
+        cells += [_cell(r[k] / 2**20 if r.get(k) is not None else None, w, ".2f")
+                  for k, w in (("graph_bytes", 11), ("peak_bytes", 10))]
+        print(f"{r['impl']:<17}{r['T']:>3}{''.join(cells)}")
     for key, value in results["summary"].items():
         print(f"{key}: {json.dumps(value)}")
     print(f"written: {out}")
+
+
+def _cell(value, width: int, spec: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
 def summarize(runs: dict, timed_T) -> dict:

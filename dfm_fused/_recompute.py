@@ -146,7 +146,9 @@ def _schema(func):
     info = _SCHEMAS.get(func)
     if info is None:
         schema = func._schema
-        written = [(i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        written = [
+            (i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write
+        ]
         aliasing = any(r.alias_info is not None for r in schema.returns)
         info = _SCHEMAS[func] = (written, aliasing)
     return info

@@ -75,6 +75,7 @@ def main() -> None:
     device = args.device
     impls = (*BACKENDS[device], *(("reference-compiled",) if args.compile else ()))
     _extension.require(device)
+    load_before = os.getloadavg()
     results = {}
     for op, shape in CASES:
         benches = {impl: C.OpCase(op, "fwd+bwd", impl, shape, "float32", device).build() for impl in impls}
@@ -108,6 +109,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         "threads": torch.get_num_threads(),
+        "load_average_before": load_before,  # 1, 5, 15 minutes; the machine is shared
         "load_average_after": os.getloadavg(),
         "torch": torch.__version__,
         "build": _extension.build_info(),

@@ -38,14 +38,13 @@ from dfm_fused import _checks
 from dfm_fused._recompute import StepStates, _copy_all, tracked_tensors, written_tensors
 from dfm_fused.modules import _DecayParameters
 
-__all__ = ["unroll", "MODES"]
+__all__ = ["unroll"]
 
 Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-MODES = (True, "selective", False)
 
 # Ops whose outputs the selective mode keeps: the costly ones. Everything else is recomputed,
-# pointwise (1x1) convolutions included: a GEMM with 1/9 of a 3x3 convolution's work per output
-# element (a ResNet's downsampling shortcuts), whose outputs are ~15% of a ResNet18-DFM step's.
+# pointwise (1x1) convolutions included (a ResNet's downsampling shortcuts): a GEMM with 1/9 of
+# a 3x3 convolution's work per output element.
 _KEPT_OPS = (torch.ops.aten.convolution.default,)
 
 

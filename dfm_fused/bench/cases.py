@@ -291,7 +291,8 @@ class OpCase(_Case):
             def backward(out):
                 torch.autograd.grad(out, grad_inputs, grad_out.to(out.dtype))
 
-        persistent = [a for a in args if isinstance(a, torch.Tensor)]
+        # Inputs and parameters (StateUpdate's Q) exist whether or not a graph is kept.
+        persistent = [a for a in [*args, *grad_inputs] if isinstance(a, torch.Tensor)]
         return Bench(forward, backward, persistent, device)
 
 

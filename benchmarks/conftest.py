@@ -45,7 +45,7 @@ def pytest_generate_tests(metafunc):
     quick = config.getoption("--dfm-quick")
     if metafunc.function.__name__ == "test_op":
         dtypes = (config.getoption("--dfm-dtypes") or ("float32,bfloat16" if DEVICE == "cuda" else "float32")).split(",")
-        impls = ["reference", *([] if config.getoption("--dfm-no-compile") else ["compile"]), *C.fused_impls(DEVICE)]
+        impls = ["reference", *([] if config.getoption("--dfm-no-compile") else ["reference-compiled"]), *C.fused_impls(DEVICE)]
         shapes = C.default_shapes(DEVICE, quick).values()
         cases = C.op_cases(DEVICE, shapes, dtypes, impls)
     else:

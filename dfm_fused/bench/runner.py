@@ -52,7 +52,7 @@ def environment(device_type: str) -> dict:
 
 
 def _backend(case) -> str:
-    if case.impl in ("reference", "compile", "reference-compiled"):
+    if case.impl in ("reference", "reference-compiled"):
         return "reference" if case.impl == "reference" else "reference+torch.compile"
     if case.kind == "e2e":
         backend = resolve("state_update", case.device)[0]

@@ -18,14 +18,19 @@ and autocast (which ``torch.utils.checkpoint`` restores):
 - a replay that writes into any other tensor that existed before it (a
   parameter, a tensor outside ``module``, a BatchNorm outside ``module``) raises
   instead of silently changing what later replays and the optimiser see.
+
+:class:`KeptOutputs` is the selective mode's memory of a step: the convolution
+outputs it hands back to the replay.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -58,6 +63,10 @@ class StepStates:
         ``module`` as they were before the first step."""
         modules = list(module.modules()) if module is not None else []
         self.batch_norms = [m for m in modules if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+        # The selective mode keeps these modules' outputs: convolutions larger than 1x1 (a 1x1
+        # convolution, such as a ResNet's downsampling shortcut, is a GEMM with 1/9 of a 3x3
+        # convolution's work per output element: recomputed).
+        self.costly = [m for m in modules if isinstance(m, _ConvNd) and math.prod(m.kernel_size) > 1]
         frozen_stats = {id(b) for m in self.batch_norms for b in m.buffers(recurse=False)}
         unique = {id(t): t for t in tracked_tensors(module) if id(t) not in frozen_stats}
         self.tracked = list(unique.values())
@@ -82,16 +91,69 @@ class StepStates:
         self.before = [{i: values[i] for i in self.mutated} for values in self.before]
         self.values = []
 
-    def replaying(self, t: int, outer=None) -> "_Replaying":
+    def replaying(self, t: int, kept: "KeptOutputs | None" = None) -> "_Replaying":
         """Context in which step ``t`` is re-run: its buffers and frozen parameters, BatchNorm
-        statistics frozen, writes guarded; entered inside ``outer`` (a context, or ``None``).
+        statistics frozen, writes guarded, the ``kept`` outputs handed back instead of recomputed.
         Re-enterable, for a second backward through a retained graph."""
-        return _Replaying(self, t, outer)
+        return _Replaying(self, t, kept)
+
+
+class KeptOutputs:
+    """The selective mode's memory of one step: the outputs of its costly convolution modules.
+
+    ``recording()`` (around the step's forward) keeps each output; one that the step then changes
+    in place (``ReLU(inplace=True)`` on it) is dropped and recomputed, since its value before the
+    change is gone. In the replay, each costly module's call returns its kept output (a detached
+    alias; autograd records the call as usual and saves its input and weight) without computing.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = modules
+        self.outputs: list[torch.Tensor | None] = []  # in call order
+        self.next = 0
+        self.pending = None  # the output the next convolution returns (replay)
+
+    @contextlib.contextmanager
+    def recording(self):
+        calls = []
+
+        def keep(module, args, output):
+            calls.append((output, output._version))
+
+        handles = [m.register_forward_hook(keep) for m in self.modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.outputs = [out if out._version == version else None for out, version in calls]
+
+    def _announce(self, module, args):
+        self.pending = self.outputs[self.next] if self.next < len(self.outputs) else None
+        self.next += 1
+
+    @contextlib.contextmanager
+    def handing_back(self):
+        self.next, self.pending = 0, None
+        handles = [m.register_forward_pre_hook(self._announce) for m in self.modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.pending = None
+
+    def take(self, func) -> torch.Tensor | None:
+        """The kept output if ``func`` is the convolution of an announced module call, else ``None``."""
+        if func is not _CONVOLUTION or self.pending is None:
+            return None
+        out, self.pending = self.pending, None
+        return out.detach()
 
 
 class _Replaying:
-    def __init__(self, states: StepStates, t: int, outer):
-        self.states, self.t, self.outer = states, t, outer
+    def __init__(self, states: StepStates, t: int, kept: KeptOutputs | None):
+        self.states, self.t, self.kept = states, t, kept
         self.entered: list = []
 
     def __enter__(self):
@@ -105,10 +167,10 @@ class _Replaying:
         _copy_all(mutated, [s.before[self.t][i] for i in indices])
         for m in s.batch_norms:
             m.momentum, m.num_batches_tracked = 0.0, None
-        if self.outer is not None:  # after the copies: the selective policy's mode sees the step's ops only
-            stack.enter_context(self.outer)
+        if self.kept is not None:
+            stack.enter_context(self.kept.handing_back())
         stack.enter_context(recomputing())
-        stack.enter_context(_WriteGuard({m.untyped_storage().data_ptr() for m in mutated}))
+        stack.enter_context(_ReplayMode({m.untyped_storage().data_ptr() for m in mutated}, self.kept))
         return self
 
     def __exit__(self, *exc):
@@ -163,18 +225,28 @@ def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     return out
 
 
-class _WriteGuard(TorchDispatchMode):
-    """Raise when an op writes into a tensor that existed before the replay (other than ``allowed``
-    storages): a replay must not change parameters, foreign buffers or anything else the forward,
-    the other replays or the optimiser read."""
+_CONVOLUTION = torch.ops.aten.convolution.default
 
-    def __init__(self, allowed: set[int]):
+
+class _ReplayMode(TorchDispatchMode):
+    """Below autograd during a replay: hands back the ``kept`` convolution outputs, and raises when
+    an op writes into a tensor that existed before the replay (other than ``allowed`` storages): a
+    replay must not change parameters, foreign buffers or anything else the forward, the other
+    replays or the optimiser read."""
+
+    def __init__(self, allowed: set[int], kept: KeptOutputs | None):
         super().__init__()
         self.allowed = allowed
+        self.kept = kept
         self.created: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.kept is not None:
+            out = self.kept.take(func)
+            if out is not None:
+                self.created.add(out.untyped_storage().data_ptr())
+                return out
         for tensor in written_tensors(func, args, kwargs):
             pointer = tensor.untyped_storage().data_ptr()
             if pointer not in self.created and pointer not in self.allowed:

@@ -7,12 +7,16 @@ Three modes (``checkpoint=``):
   state; the backward re-runs each such step once, when it reaches it, so
   activation memory is one step's graph plus the T states, and T-1 forwards are
   recomputed. The last step keeps its graph, since its backward comes first.
-- ``"selective"``: every step runs under a selective checkpoint policy
-  (``create_selective_checkpoint_contexts``) that keeps the outputs of the
-  convolutions with a kernel larger than 1x1 (in bfloat16/float16 under autocast,
-  as the convolutions produce them) and recomputes the rest: BatchNorm-apply,
-  ReLU, GroupNorm, the fused ops, softmax, pointwise convolutions. About half
-  the plain graph's memory for a fraction of a forward's recompute.
+- ``"selective"``: every step runs under the checkpoint too, but the outputs of
+  its convolution modules larger than 1x1 are kept from the forward (in
+  bfloat16/float16 under autocast, as the convolutions produce them) and handed
+  back in the replay instead of recomputed; the rest is recomputed:
+  BatchNorm-apply, ReLU, GroupNorm, the fused ops, softmax, 1x1 convolutions.
+  About half the plain graph's memory for a fraction of a forward's recompute.
+  (``create_selective_checkpoint_contexts`` was the first choice; its forward
+  dispatch mode cost more than the recompute on a CPU, and with a kept output
+  changed in place it replays reads of the changed value: see
+  :class:`dfm_fused._recompute.KeptOutputs`.)
 - ``False``: the plain graph through all steps (fastest, memory grows with T).
 
 The replay is faithful (see :mod:`dfm_fused._recompute`): RNG (dropout masks)
@@ -32,25 +36,15 @@ import inspect
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint as _checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from dfm_fused import _checks
-from dfm_fused._recompute import StepStates, _copy_all, tracked_tensors, written_tensors
+from dfm_fused._recompute import KeptOutputs, StepStates, _copy_all, tracked_tensors
 from dfm_fused.modules import _DecayParameters
 
 __all__ = ["unroll"]
 
 Step = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-# Ops whose outputs the selective mode keeps: the costly ones. Everything else is recomputed,
-# pointwise (1x1) convolutions included (a ResNet's downsampling shortcuts): a GEMM with 1/9 of
-# a 3x3 convolution's work per output element.
-_KEPT_OPS = (torch.ops.aten.convolution.default,)
-
-
-def _is_costly(op, args) -> bool:
-    return op in _KEPT_OPS and any(k > 1 for k in args[1].shape[2:])
-
 
 def unroll(
     step: Step,
@@ -79,7 +73,9 @@ def unroll(
             parameters ``step`` updates. Defaults to ``step`` itself when it is a
             module, the module a bound method belongs to, or the modules a function
             refers to (closure variables and globals). Gradients never depend on it;
-            a replay that writes into a tensor outside it raises.
+            a replay that writes into a tensor outside it raises. ``"selective"`` keeps
+            the outputs of its convolution modules (a convolution called as a function
+            is recomputed).
         preserve_rng_state: restore the RNG in the replay (needed for dropout).
     Returns:
         ``h_T``, or the list ``[h_1, ..., h_T]`` with ``return_states=True``.
@@ -136,41 +132,12 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
     return outputs if return_states else h
 
 
-class _KeepCostlyOutputs:
-    """Selective policy of one step: keep the outputs of costly ops (convolutions with a kernel
-    larger than 1x1), recompute the rest.
-
-    An in-place op on a kept output (``ReLU(inplace=True)`` right after a convolution) is kept
-    too, so that the replay takes its result instead of applying it a second time to the kept
-    tensor, which holds the mutated value (nothing in a valid graph needs the value before the
-    mutation: autograd would have raised)."""
-
-    def __init__(self):
-        self.kept: set[int] = set()
-        # torch releases whose policy context has no ``op_output`` cannot say which storages are
-        # kept: every in-place op is kept then (correct, with more memory).
-        self.every_write = False
-
-    def __call__(self, ctx, op, *args, **kwargs):
-        if _is_costly(op, args):
-            output = getattr(ctx, "op_output", None)
-            if output is None:
-                self.every_write = True
-            else:
-                self.kept.add(output.untyped_storage().data_ptr())
-            return CheckpointPolicy.MUST_SAVE
-        written = written_tensors(op, args, kwargs)
-        if written and (self.every_write or any(t.untyped_storage().data_ptr() in self.kept for t in written)):
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def _contexts(states: StepStates, t: int, selective: bool):
     """``torch.utils.checkpoint``'s ``context_fn``: (forward context, recompute context)."""
     if not selective:
         return contextlib.nullcontext(), states.replaying(t)
-    forward, recompute = create_selective_checkpoint_contexts(_KeepCostlyOutputs(), allow_cache_entry_mutation=True)
-    return forward, states.replaying(t, outer=recompute)
+    kept = KeptOutputs(states.costly)
+    return kept.recording(), states.replaying(t, kept)
 
 
 @contextlib.contextmanager

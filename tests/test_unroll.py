@@ -173,11 +173,12 @@ def test_checkpoint_recomputes_all_steps_but_the_last():
     assert calls == [0, 1, 2, 3, 2, 1, 0]
 
 
-def test_second_backward_through_a_retained_graph_replays_the_last_step():
+@pytest.mark.parametrize("checkpoint", [True, "selective"])
+def test_second_backward_through_a_retained_graph_replays_the_last_step(checkpoint):
     step = _make(torch.float64, dropout=0.3).train()
     x, h0 = _inputs()
     torch.manual_seed(2)
-    out = dfm_fused.unroll(step, x, h0, 3)
+    out = dfm_fused.unroll(step, x, h0, 3, checkpoint=checkpoint)
     inputs = [x, h0, step.conv.weight, step.bn.weight, step.update.Q]
     first = torch.autograd.grad(out.sum(), inputs, retain_graph=True)
     second = torch.autograd.grad(out.sum(), inputs)
@@ -232,19 +233,22 @@ def test_closure_step_without_module_gets_the_plain_graph_gradients(checkpoint):
 
 
 class InPlaceAfterConv(torch.nn.Module):
-    """Ops that write into a convolution output the selective mode keeps: a ReLU(inplace=True) right
-    after the convolution (the segmentation model's ASPP pooling branch) and a non-idempotent add_."""
+    """Ops that write into convolution outputs the selective mode would keep: a ReLU(inplace=True)
+    after a read of the value before it (which autograd does not guard: ``y * 2`` saves nothing of
+    ``y``), and a non-idempotent add_."""
 
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(C, C, 3, padding=1).double()
-        self.conv2 = torch.nn.Conv2d(C, C, 1).double()
+        self.conv2 = torch.nn.Conv2d(C, C, 3, padding=1).double()
 
     def forward(self, x, h, t):
-        y = torch.relu_(self.conv(h))
+        y = self.conv(h)
+        before = y * 2.0
+        torch.relu_(y)
         z = self.conv2(y)
-        z.add_(y)  # writes into a kept output, reads another
-        return h + 0.1 * torch.tanh(z)
+        z.add_(y)
+        return h + 0.1 * torch.tanh(z + before * before)
 
 
 def test_selective_with_in_place_ops_on_kept_outputs():

@@ -109,6 +109,8 @@ class _DecayParameters(torch.nn.Module):
 
         A replayed step inside ``unroll``'s backward sees the same ``Q`` and ``S`` as its
         forward, so it decides the same. Under ``torch.compile`` the general path runs.
+        Writes through ``Q.data`` move no version counter and are not seen: write ``Q`` in
+        place under ``torch.no_grad()`` (as optimizers do) or reassign it.
         """
         if torch.compiler.is_compiling():
             return False

@@ -66,9 +66,9 @@ class FeedbackLoop(nn.Module):
         raise NotImplementedError
 
     def step_modules(self) -> list[nn.Module]:
-        """The modules ``step`` uses. Only their buffers are snapshotted and restored by the
-        memory-saving replay: restoring the frontend's BatchNorm statistics too would bump
-        their version counters, which the frontend's own graph checks in backward."""
+        """The modules ``step`` uses, the ``module`` of :func:`dfm_fused.unroll`: their BatchNorm
+        statistics are frozen in the replays, the buffers and frozen parameters a step changes
+        are set back for them, and the selective mode keeps their convolution outputs."""
         raise NotImplementedError
 
     def step(self, x: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:

@@ -33,6 +33,11 @@ def _written_state(p: torch.Tensor) -> tuple:
     return (p._version, p.data_ptr(), p.dtype, p.device)
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def _is_uniform(S: torch.Tensor) -> bool:
     """Whether ``|S|`` (so ``|S|**alpha``) is one value."""
     with torch.no_grad():
@@ -65,13 +70,14 @@ class _DecayParameters(torch.nn.Module):
         # A move or cast maps equal values to equal ones: a uniform S stays uniform, and Q stays
         # the QR's output when its dtype is kept (a cast rounds it to another precision).
         uniform = self._known_uniform_S()
-        orthonormal = getattr(self, "_orthonormal_Q", None) == _written_state(self.Q)
+        mark = getattr(self, "_orthonormal_Q", None)
+        orthonormal = mark is not None and mark[0] == _written_state(self.Q)
         dtype = self.Q.dtype
         module = super()._apply(fn, *args, **kwargs)
         if uniform is not None:
             self._uniform_S = (_written_state(self.S), uniform)
         if orthonormal and self.Q.dtype == dtype:
-            self._orthonormal_Q = _written_state(self.Q)
+            self._orthonormal_Q = (_written_state(self.Q), mark[1])
         return module
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -99,7 +105,9 @@ class _DecayParameters(torch.nn.Module):
         # and must not do it a second time.
         if self.training and T == 0 and not is_recomputing():
             self.reorthogonalize(self.Q)
-            self._orthonormal_Q = _written_state(self.Q)
+            # A QR captured into a CUDA graph is evidence only inside that capture: replays of
+            # the graph change Q (its optimizer step) without moving its version counter.
+            self._orthonormal_Q = (_written_state(self.Q), _capturing())
         return self._scalar_decay()
 
     def _scalar_decay(self) -> bool:
@@ -111,10 +119,20 @@ class _DecayParameters(torch.nn.Module):
         forward, so it decides the same. Under ``torch.compile`` the general path runs.
         Writes through ``Q.data`` move no version counter and are not seen: write ``Q`` in
         place under ``torch.no_grad()`` (as optimizers do) or reassign it.
+
+        CUDA graphs: a replay writes tensors without moving version counters, so a decision
+        baked into a graph must hold for every replay. While capturing, only a training-mode
+        step whose QR was captured too takes the scalar path (every replay re-runs that QR);
+        an eval graph always runs the general path. Outside a capture, a QR made during one
+        is no evidence (the graph's replays may have changed ``Q`` since).
         """
         if torch.compiler.is_compiling():
             return False
-        if getattr(self, "_orthonormal_Q", None) != _written_state(self.Q):
+        mark = getattr(self, "_orthonormal_Q", None)
+        if mark is None or mark[0] != _written_state(self.Q):
+            return False
+        capturing = _capturing()
+        if mark[1] != capturing or (capturing and not self.training):
             return False
         uniform = self._known_uniform_S()
         if uniform is None:

@@ -254,3 +254,31 @@ def test_scalar_decay_decision_is_the_same_in_unroll_replays(monkeypatch):
     assert replays == [True, True]  # steps 1 and 0 replayed (the last one keeps its graph)
     for a, e in zip(grads, results[False][2]):
         assert_close(a, e, torch.float32)
+
+
+def test_scalar_decay_under_cuda_graph_capture(monkeypatch):
+    """A decision baked into a CUDA graph holds for every replay, and replays move no version
+    counter. So while capturing only a training step whose QR was captured too (re-run by every
+    replay) takes the scalar path, and a QR made inside a capture is no evidence outside it
+    (the graph's optimizer step may have changed Q since). Capture is simulated on the CPU."""
+    seen = _record_scalar_decay(monkeypatch)
+    capturing = [False]
+    monkeypatch.setattr(dfm_fused.modules, "_capturing", lambda: capturing[0])
+    ref, fused = _update_pair()
+
+    def run(mode, t):
+        fused.train(mode == "train")
+        ref.train(mode == "train")
+        _check_update(ref, fused, t)
+        return seen[-1]
+
+    capturing[0] = True
+    assert [run("train", 0), run("train", 1)] == [True, True]  # QR captured in this forward
+    assert run("eval", 1) is False  # an eval graph: always the general path
+    capturing[0] = False
+    assert run("eval", 1) is False  # eager after the capture: its QR is no evidence
+    assert run("train", 2) is False
+    assert run("train", 0) is True  # an eager QR
+    capturing[0] = True
+    assert run("train", 1) is False  # the eager QR is no evidence inside a capture
+    assert run("eval", 2) is False

@@ -144,14 +144,24 @@ def _contexts(states: StepStates, t: int, selective: bool):
 def _restored_on_error(module):
     """Yields ``{id(tensor): copy}`` of the buffers, frozen parameters and decay modules' ``Q``
     (re-orthogonalised at t=0) of ``module``; if the loop raises, puts them back."""
-    tensors = tracked_tensors(module)
-    if module is not None:
-        tensors += [m.Q for m in module.modules() if isinstance(m, _DecayParameters)]
-    originals = {id(t): t.detach().clone() for t in tensors}
+    tracked = tracked_tensors(module)
+    decays = [m.Q for m in module.modules() if isinstance(m, _DecayParameters)] if module is not None else []
+    originals = {id(t): t.detach().clone() for t in tracked + decays}
+    decay_versions = [Q._version for Q in decays]
     try:
         yield originals
     except BaseException:
-        _copy_all(tensors, [originals[id(t)] for t in tensors])
+        # Buffers through ``.data`` (see ``_copy_all``): BatchNorm updates its statistics
+        # without moving their versions, and a graph outside the loop may have saved them.
+        _copy_all(tracked, [originals[id(t)] for t in tracked])
+        # ``Q`` by a plain in-place copy, so its version moves: a decay module takes its
+        # scalar-decay path only while ``Q``'s version is that of its own QR output, and the
+        # ``Q`` put back is the one before the QR. Only a ``Q`` the loop wrote (the QR moved its
+        # version, so no graph still usable saved it) is put back.
+        with torch.no_grad():
+            for Q, version in zip(decays, decay_versions):
+                if Q._version != version:
+                    Q.copy_(originals[id(Q)])
         raise
 
 

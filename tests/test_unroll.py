@@ -356,6 +356,29 @@ def test_failed_unroll_leaves_buffers_and_Q_untouched(checkpoint):
         assert torch.equal(value, before[name]), name
 
 
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_failed_unroll_restores_Q_so_the_decay_leaves_the_scalar_path(checkpoint):
+    """The QR at t=0 makes ``Q`` orthonormal (scalar-decay path); restoring the non-orthonormal
+    ``Q`` after an error must take the module off that path, or its next forward is wrong."""
+    step = _make().train()
+    x, h0 = _inputs()
+
+    def failing_step(x, h, t):
+        out = step(x, h, t)
+        if t == 1:
+            raise ValueError("failing at t=1")
+        return out
+
+    with pytest.raises(ValueError, match="failing at t=1"):
+        dfm_fused.unroll(failing_step, x, h0, 3, module=step, checkpoint=checkpoint)
+    step.eval()  # no QR: the forward uses the restored Q as it is
+    with torch.no_grad():
+        fused = dfm_fused.unroll(step, x, h0, 2)
+        step.literal = True
+        oracle = dfm_fused.unroll(step, x, h0, 2)
+    assert rel_err(fused, oracle) < 1e-12
+
+
 def test_replay_leaves_buffers_saved_by_graphs_outside_the_step_usable():
     """A frontend BatchNorm runs once outside the loop; ``module`` holds it too."""
     torch.manual_seed(0)

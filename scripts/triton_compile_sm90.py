@@ -22,9 +22,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dfm_fused.ops.exp_decay import triton_kernels as decay
+from dfm_fused.ops._triton import channel as decay
+from dfm_fused.ops._triton import group_norm as norm
 from dfm_fused.ops.feedback_input import triton_kernels as feedback
-from dfm_fused.ops.state_update import triton_kernels as norm
 
 SMEM_LIMIT = 227 * 1024
 TARGET = GPUTarget("cuda", 90, 32)

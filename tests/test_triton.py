@@ -181,7 +181,7 @@ def test_half_precision_no_worse_than_reference_under_autocast(op, dtype, device
     be at least as accurate as the reference's under the same autocast.
 
     CI cannot see the bfloat16 rounding: the interpreter's bfloat16 dot is wrong, so under
-    ``TRITON_INTERPRET=1`` bfloat16 dots get float32 operands (``triton_utils.dot_dtype``) and
+    ``TRITON_INTERPRET=1`` bfloat16 dots get float32 operands (``_triton.host.dot_dtype``) and
     that case checks float32 math. float16 dots keep half operands there. The GPU run of this test
     (``scripts/gpu_check.sh``) is what checks bfloat16."""
     B, C, H, W, groups = 2, 48, 6, 5, 4
@@ -430,7 +430,7 @@ def test_auto_order_on_cuda():
 @pytest.mark.skipif(INTERPRET, reason="checks the compiled (GPU) configs, not the interpreter's single one")
 def test_autotune_configs_fit_sm90():
     """Every GEMM config uses tl.dot tiles of at least 16 and fits sm_90 shared memory (227 KiB) in float32."""
-    from dfm_fused.ops.exp_decay import triton_kernels as k
+    from dfm_fused.ops._triton import channel as k
 
     smem_limit = 227 * 1024
     for config in k.channel_matmul_kernel.configs:
@@ -448,7 +448,7 @@ def test_autotune_configs_fit_sm90():
 def test_config_pruning(monkeypatch):
     """IEEE float32 dots get the FMA configs (16-deep reduction), others the tensor-core ones;
     DFM_FUSED_AUTOTUNE=0 keeps one config (no benchmarking)."""
-    from dfm_fused.ops.exp_decay import triton_kernels as k
+    from dfm_fused.ops._triton import channel as k
 
     monkeypatch.delenv("DFM_FUSED_AUTOTUNE", raising=False)
     for kernel, k_block in ((k.channel_matmul_kernel, "BLOCK_K"), (k.channel_outer_kernel, "BLOCK_P")):

@@ -1,4 +1,4 @@
-"""Triton kernels applying a C x C channel matrix per pixel, shared by ``exp_decay`` and ``state_update``.
+"""Triton kernels applying a C x C channel matrix per pixel (used by ``exp_decay`` and ``state_update``).
 
 Tensors are contiguous NCHW. Pixels of all images are flattened into one axis
 ``n = b * HW + s`` (``N = B * HW``), so a tile of pixels may span images: small
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.common import decay_matrix
-from dfm_fused.ops.triton_utils import autotune_configs, dot_dtype, dot_precision, new_output, prune_configs
+from dfm_fused.ops._decay import decay_matrix
+from dfm_fused.ops._triton.host import autotune_configs, dot_dtype, dot_precision, new_output, prune_configs
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Triton GroupNorm kernels (no affine) for ``state_update``.
+"""Triton GroupNorm kernels (no affine), used by ``state_update``.
 
 In contiguous NCHW, group ``g`` of image ``b`` is one contiguous run of
 ``L = (C / G) * HW`` elements starting at ``(b * G + g) * L``, so one program
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.triton_utils import autotune_configs, new_output, prune_configs
+from dfm_fused.ops._triton.host import autotune_configs, new_output, prune_configs
 
 _PRUNE = {"early_config_prune": prune_configs()}
 

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the Triton backends of the three ops.
+"""Host-side helpers shared by the Triton backends of every op.
 
 - :func:`interpreting`: whether kernels run under ``TRITON_INTERPRET=1`` (CPU testing).
 - :func:`autotune_configs`: the sm_90 config list, or one small config under the

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import as_dtype, autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
+from dfm_fused.ops._autograd import as_dtype, autocast_off
+from dfm_fused.ops._decay import compute_dtype, decay_vector
+from dfm_fused.ops._torch.decay import decay_backward, decay_forward
 
 
 class ExpDecayFunction(torch.autograd.Function):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfm_fused.ops.common import autocast_off, compute_dtype, concat_grad_x
-from dfm_fused.ops.state_update.torch_backend import group_norm_backward, group_norm_stats, group_normalize
+from dfm_fused.ops._autograd import autocast_off, concat_grad_x
+from dfm_fused.ops._decay import compute_dtype
+from dfm_fused.ops._torch.group_norm import group_norm_backward, group_norm_stats, group_normalize
 
 
 def _resize(v: torch.Tensor, size) -> torch.Tensor:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import autocast_off, concat_grad_x
+from dfm_fused.ops._autograd import autocast_off, concat_grad_x
 from dfm_fused.ops.feedback_input.triton_kernels import feedback_forward, feedback_grad_h, feedback_stats
-from dfm_fused.ops.triton_utils import check_dtype
+from dfm_fused.ops._triton.host import check_dtype
 
 
 class FeedbackInputTriton(torch.autograd.Function):

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dfm_fused.ops.triton_utils import autotune_configs, new_output, prune_configs
+from dfm_fused.ops._triton.host import autotune_configs, new_output, prune_configs
 
 _PRUNE = {"early_config_prune": prune_configs()}
 

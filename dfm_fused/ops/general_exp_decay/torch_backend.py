@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import (
-    _scalar,
-    apply_channel_matrix,
-    as_dtype,
-    autocast_off,
-    channel_outer,
-    compute_dtype,
-)
+from dfm_fused.ops._autograd import as_dtype, autocast_off
+from dfm_fused.ops._decay import compute_dtype, scalar_like
+from dfm_fused.ops._torch.channel import apply_channel_matrix, outer_over_pixels
 
 
 def neumann_factor(delta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +67,7 @@ class GeneralExpDecayFunction(torch.autograd.Function):
         if need_x:
             grad_x = as_dtype(apply_channel_matrix(Q_c.t() @ (factor[:, None] * Qinv_c.t()), grad_out), x.dtype)
         if need_Q or need_Qinv or need_delta or need_t:
-            A = channel_outer(x.to(dtype), grad_out).t()  # sum over pixels of g x^T
+            A = outer_over_pixels(x.to(dtype), grad_out).t()  # sum over pixels of g x^T
             if need_Qinv:
                 grad_Qinv = as_dtype((A @ Q_c.t()) * D, Qinv.dtype)
             if need_Q or need_delta or need_t:
@@ -97,5 +92,5 @@ def general_exp_decay(x, Q, Qinv, S, t, tau, alpha, backward: str = "exact"):
     """See :func:`dfm_fused.functional.general_exp_decay`."""
     S_c = S.to(compute_dtype(S))
     # The reference's expression and order, so Delta (and D) are bitwise the reference's.
-    delta = (1 / _scalar(tau, S_c)) * -1.0 * torch.abs(S_c) ** _scalar(alpha, S_c)
-    return GeneralExpDecayFunction.apply(x, Q, Qinv, delta, _scalar(t, S_c), backward == "neumann")
+    delta = (1 / scalar_like(tau, S_c)) * -1.0 * torch.abs(S_c) ** scalar_like(alpha, S_c)
+    return GeneralExpDecayFunction.apply(x, Q, Qinv, delta, scalar_like(t, S_c), backward == "neumann")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dfm_fused._extension import memory_format_of
-from dfm_fused.ops.common import compute_dtype, decay_vector
+from dfm_fused.ops._decay import compute_dtype, decay_vector
 
 
 @torch.library.register_fake("dfm_fused::state_update")

@@ -7,37 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import as_dtype, autocast_off, compute_dtype, decay_backward, decay_forward, decay_vector
-
-
-def group_norm_stats(y: torch.Tensor, groups: int, eps: float, weight: torch.Tensor | None = None):
-    """``(weight * normalised y, mean, rstd)``; mean and rstd are ``(B, groups)`` in y's dtype."""
-    B, C, H, W = y.shape
-    # torch 2.11's CPU kernel rejects inputs dense in neither NCHW nor NHWC (2.14's takes them).
-    if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
-        y = y.contiguous()
-    return torch.ops.aten.native_group_norm(y, weight, None, B, C, H * W, groups, eps)
-
-
-def group_normalize(y, mean, rstd, groups):
-    """``(y - mean) * rstd`` per group, from saved statistics."""
-    B, C, H, W = y.shape
-    y5 = y.reshape(B, groups, C // groups, H * W)
-    return ((y5 - mean.view(B, groups, 1, 1)) * rstd.view(B, groups, 1, 1)).view(B, C, H, W)
-
-
-def group_norm_backward(grad_n, y, mean, rstd, groups, weight: torch.Tensor | None = None):
-    """Gradient of ``weight * GroupNorm(y)`` (default: no affine) w.r.t. ``y``."""
-    B, C, H, W = y.shape
-    return torch.ops.aten.native_group_norm_backward(
-        grad_n, y, mean, rstd, weight, B, C, H * W, groups, [True, False, False]
-    )[0]
+from dfm_fused.ops._autograd import as_dtype, autocast_off
+from dfm_fused.ops._decay import compute_dtype, decay_vector
+from dfm_fused.ops._torch.decay import decay_backward, decay_forward
+from dfm_fused.ops._torch.group_norm import group_norm_backward, group_norm_stats, group_normalize
 
 
 class StateUpdateFunction(torch.autograd.Function):
     """h: (B, C, H, W) state; y: (B, C, H, W) body output; Q: (C, C); D: (C,). Returns h's dtype.
 
-    ``scalar``: ``M = diag(D)`` (see :func:`dfm_fused.ops.common.decay_forward`), folded into
+    ``scalar``: ``M = diag(D)`` (see :func:`dfm_fused.ops._torch.decay.decay_forward`), folded into
     the GroupNorm as its weight, forward and backward.
     """
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from dfm_fused.ops.common import autocast_off, decay_grad_Q, decay_vector
-from dfm_fused.ops.exp_decay.triton_kernels import channel_outer, decay_map
-from dfm_fused.ops.state_update.triton_kernels import group_affine, group_norm_backward, group_stats
-from dfm_fused.ops.triton_utils import check_dtype, dot_dtype
+from dfm_fused.ops._autograd import autocast_off
+from dfm_fused.ops._decay import decay_grad_Q, decay_vector
+from dfm_fused.ops._triton.channel import channel_outer, decay_map
+from dfm_fused.ops._triton.group_norm import group_affine, group_norm_backward, group_stats
+from dfm_fused.ops._triton.host import check_dtype, dot_dtype
 
 
 class StateUpdateTriton(torch.autograd.Function):

@@ -1,0 +1,22 @@
+"""Deprecated: moved to :mod:`dfm_fused.ops._triton.host` (this module will be removed)."""
+from __future__ import annotations
+
+import warnings
+
+from dfm_fused.ops._triton.host import (
+    autotune_configs,
+    check_dtype,
+    dot_dtype,
+    dot_precision,
+    interpreting,
+    new_output,
+    prune_configs,
+)
+
+__all__ = ["autotune_configs", "check_dtype", "dot_dtype", "dot_precision", "interpreting", "new_output", "prune_configs"]
+
+warnings.warn(
+    "dfm_fused.ops.triton_utils is deprecated: import from dfm_fused.ops._triton.host",
+    DeprecationWarning,
+    stacklevel=2,
+)

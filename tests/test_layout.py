@@ -1,0 +1,57 @@
+"""The package layout CONTRIBUTING.md describes: op folders share code only through the shared
+modules (``ops/_triton``, ``ops/_torch``, ``ops/_decay.py``, ``ops/_autograd.py``)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dfm_fused"
+OPS = PACKAGE / "ops"
+OP_FOLDERS = sorted(p.name for p in OPS.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute module names ``path`` imports (relative imports resolved against its package)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            names.add(base)
+            # ``from dfm_fused.ops import state_update`` imports the op package itself.
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_op_folders_found():
+    assert {"exp_decay", "feedback_input", "general_exp_decay", "state_update"} <= set(OP_FOLDERS)
+
+
+@pytest.mark.parametrize("op", OP_FOLDERS)
+def test_op_folder_imports_no_other_op(op):
+    """Shared code lives in the shared modules, so an op folder never imports another op's folder."""
+    offending = []
+    for path in sorted((OPS / op).rglob("*.py")):
+        for name in _imported_modules(path):
+            parts = name.split(".")
+            if parts[:2] == ["dfm_fused", "ops"] and len(parts) > 2 and parts[2] in OP_FOLDERS and parts[2] != op:
+                offending.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    assert not offending, "\n".join(offending)
+
+
+def test_shared_modules_import_no_op_folder():
+    """The shared building blocks do not depend on any op folder either."""
+    shared = [OPS / "_decay.py", OPS / "_autograd.py", *(OPS / "_torch").glob("*.py"), *(OPS / "_triton").glob("*.py")]
+    offending = [
+        f"{path.relative_to(PACKAGE.parent)} imports {name}"
+        for path in shared
+        for name in _imported_modules(path)
+        if name.split(".")[:2] == ["dfm_fused", "ops"] and len(name.split(".")) > 2 and name.split(".")[2] in OP_FOLDERS
+    ]
+    assert not offending, "\n".join(offending)
+

@@ -36,6 +36,7 @@ import inspect
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from dfm_fused import _checks
@@ -76,7 +77,9 @@ def unroll(
             a replay that writes into a tensor outside it raises. ``"selective"`` keeps
             the outputs of its convolution modules (a convolution called as a function
             is recomputed).
-        preserve_rng_state: restore the RNG in the replay (needed for dropout).
+        preserve_rng_state: restore the RNG in the replay (needed for dropout). During CUDA-graph
+            capture the RNG state cannot be read: a checkpointed step that draws random numbers
+            raises then (use ``checkpoint=False``); steps without random ops are captured.
     Returns:
         ``h_T``, or the list ``[h_1, ..., h_T]`` with ``return_states=True``.
     """
@@ -111,6 +114,11 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
         with _restored_on_error(module):
             return _plain_unroll(step, x, h0, T, return_states)
     selective = mode == "selective"
+    # During CUDA-graph capture, torch.utils.checkpoint cannot read the CUDA RNG state
+    # (torch.cuda.get_rng_state raises): the replay then runs without restoring it, and the
+    # checkpointed steps are refused any random op instead (see _NoRandomOps).
+    guard_rng = preserve_rng_state and _capturing()
+    preserve_rng_state = preserve_rng_state and not guard_rng
     outputs, h = [], h0
     with _restored_on_error(module) as originals:
         states = StepStates(module, originals)
@@ -121,7 +129,7 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
             else:
                 h_next = _checkpoint(
                     step, x, h, t, use_reentrant=False, preserve_rng_state=preserve_rng_state,
-                    context_fn=functools.partial(_contexts, states, t, selective),
+                    context_fn=functools.partial(_contexts, states, t, selective, mode, guard_rng),
                 )
             states.end_step()
             _check_next_state(h_next, h, t)
@@ -132,12 +140,48 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
     return outputs if return_states else h
 
 
-def _contexts(states: StepStates, t: int, selective: bool):
+def _contexts(states: StepStates, t: int, selective: bool, mode, guard_rng: bool):
     """``torch.utils.checkpoint``'s ``context_fn``: (forward context, recompute context)."""
-    if not selective:
-        return contextlib.nullcontext(), states.replaying(t)
-    kept = KeptOutputs(states.costly)
-    return kept.recording(), states.replaying(t, kept)
+    kept = KeptOutputs(states.costly) if selective else None
+    return _forward_context(kept, mode if guard_rng else None), states.replaying(t, kept)
+
+
+@contextlib.contextmanager
+def _forward_context(kept: KeptOutputs | None, guarded_mode):
+    """A checkpointed step's forward: its kept outputs recorded (selective), random ops refused
+    (``guarded_mode`` not None: under CUDA-graph capture)."""
+    with contextlib.ExitStack() as stack:
+        if kept is not None:
+            stack.enter_context(kept.recording())
+        if guarded_mode is not None:
+            stack.enter_context(_NoRandomOps(guarded_mode))
+        yield
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (no CUDA context, no
+    capture: the check initialises nothing)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+class _NoRandomOps(TorchDispatchMode):
+    """Raises on an op that draws random numbers (dropout) in a checkpointed step under CUDA-graph
+    capture: its replay in backward could not draw the same numbers, so the gradients would be
+    silently wrong."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            raise RuntimeError(
+                f"unroll(checkpoint={self.mode!r}): the step draws random numbers ({func}, e.g. dropout) while "
+                "being captured into a CUDA graph. Its replay in backward must draw the same numbers, but the "
+                "CUDA RNG state cannot be read during capture (torch.cuda.get_rng_state), so its gradients "
+                "would be wrong. Use checkpoint=False for a captured step with dropout (or dropout p=0)."
+            )
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

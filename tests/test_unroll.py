@@ -409,3 +409,55 @@ def test_replay_under_bfloat16_autocast_equals_the_plain_graph(checkpoint):
     for a, b in zip(grads[checkpoint], grads[False]):
         # Same kernels on the same values; a replay without the autocast would differ at bfloat16 rounding.
         assert rel_err(a, b) < 1e-6
+
+
+def _fake_cuda_graph_capture(monkeypatch):
+    """What unroll sees inside ``torch.cuda.graph`` on a CPU-only host: a capturing stream, and an
+    RNG state read that raises as the CUDA generator's does during capture."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def get_rng_state(*args, **kwargs):
+        raise RuntimeError("Cannot call CUDAGeneratorImpl::current_seed during CUDA graph capture")
+
+    monkeypatch.setattr(torch, "get_rng_state", get_rng_state)
+
+
+@pytest.mark.parametrize("checkpoint", [True, "selective"])
+def test_capture_replays_without_reading_the_rng_state(checkpoint, monkeypatch):
+    """A step without random ops under capture: no RNG state read, the replay runs under the
+    forward's autocast with its cache off (capture needs cache_enabled=False), and the gradients
+    are the plain graph's."""
+    grads, cache_flags = {}, []
+    for mode in (checkpoint, False):
+        step = _make(torch.float32, dropout=0.0).train()
+        x, h0 = (t.detach().float().requires_grad_() for t in _inputs())
+        with monkeypatch.context() as patch:
+            if mode is not False:
+                _fake_cuda_graph_capture(patch)
+
+            def recorded(x, h, t):
+                cache_flags.append(torch.is_autocast_cache_enabled())
+                return step(x, h, t)
+
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                out = dfm_fused.unroll(recorded, x, h0, 3, checkpoint=mode, module=step)
+            out.float().square().sum().backward()
+        grads[mode] = [x.grad, h0.grad] + [p.grad for p in step.parameters() if p.grad is not None]
+    assert len(cache_flags) > 6 and not any(cache_flags)  # forwards and replays
+    assert len(grads[checkpoint]) == len(grads[False])
+    for a, b in zip(grads[checkpoint], grads[False]):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint", [True, "selective"])
+def test_capture_of_a_checkpointed_step_with_dropout_is_an_error(checkpoint, monkeypatch):
+    """The replay could not redraw the forward's dropout mask under capture: raise, naming dropout
+    and the way out, rather than back-propagate through another mask."""
+    step = _make(torch.float32, dropout=0.2).train()
+    x, h0 = (t.detach().float() for t in _inputs())
+    _fake_cuda_graph_capture(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"draws random numbers .*dropout.*Use checkpoint=False"):
+        dfm_fused.unroll(step, x, h0, 3, checkpoint=checkpoint)
+    out = dfm_fused.unroll(step, x, h0, 3, checkpoint=False)  # the plain graph replays nothing
+    assert out.grad_fn is not None

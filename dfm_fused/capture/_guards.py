@@ -129,9 +129,10 @@ def explain(api: str, what: str, exc: BaseException, extra_hints=()) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     hints = list(extra_hints)
     if "CUDAGeneratorImpl" in text or "get_rng_state" in text:
-        hints.insert(0, "the memory-saving unroll (checkpoint=True or 'selective', torch.utils.checkpoint with "
-                        "preserve_rng_state) reads the CUDA RNG state at every step (torch.cuda.get_rng_state), "
-                        "which capture forbids: build the model with checkpoint=False")
+        hints.insert(0, "something in the step reads the CUDA RNG state (torch.cuda.get_rng_state, e.g. "
+                        "torch.utils.checkpoint with preserve_rng_state=True called outside dfm_fused.unroll), "
+                        "which capture forbids; dfm_fused.unroll's checkpoint=True and 'selective' do not read it "
+                        "under capture (a checkpointed step with dropout raises instead: use checkpoint=False)")
     hints += HINTS
     listing = "".join(f"\n  - {hint}" for hint in hints)
     return f"{api}: {what} failed, so the step cannot be captured into a CUDA graph.\n{text}\nUsual causes:{listing}"

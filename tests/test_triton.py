@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from dfm_fused import _testing
 from dfm_fused import functional as F
 from dfm_fused import reference
 
@@ -50,8 +51,9 @@ DTYPES = list(TOL)
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("DFM_FUSED_POISON", "1")
+def _poison():
+    with _testing.override(poison=True):
+        yield
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
@@ -445,23 +447,22 @@ def test_autotune_configs_fit_sm90():
 
 
 @pytest.mark.skipif(INTERPRET, reason="checks the compiled (GPU) configs, not the interpreter's single one")
-def test_config_pruning(monkeypatch):
+def test_config_pruning():
     """IEEE float32 dots get the FMA configs (16-deep reduction), others the tensor-core ones;
-    DFM_FUSED_AUTOTUNE=0 keeps one config (no benchmarking)."""
+    the autotune hook off (DFM_FUSED_AUTOTUNE=0) keeps one config (no benchmarking)."""
     from dfm_fused.ops._triton import channel as k
 
-    monkeypatch.delenv("DFM_FUSED_AUTOTUNE", raising=False)
     for kernel, k_block in ((k.channel_matmul_kernel, "BLOCK_K"), (k.channel_outer_kernel, "BLOCK_P")):
         prune = kernel.early_config_prune
-        fma = prune(kernel.configs, {}, INPUT_PRECISION="ieee")
-        mma = prune(kernel.configs, {}, INPUT_PRECISION="tf32")
+        with _testing.override(autotune=True):
+            fma = prune(kernel.configs, {}, INPUT_PRECISION="ieee")
+            mma = prune(kernel.configs, {}, INPUT_PRECISION="tf32")
         assert fma and all(c.kwargs[k_block] == 16 for c in fma)
         assert mma and all(c.kwargs[k_block] >= 32 for c in mma)
         assert len(fma) + len(mma) == len(kernel.configs)
-        monkeypatch.setenv("DFM_FUSED_AUTOTUNE", "0")
-        assert prune(kernel.configs, {}, INPUT_PRECISION="ieee") == fma[:1]
-        assert prune(kernel.configs, {}, INPUT_PRECISION="tf32") == mma[:1]
-        monkeypatch.delenv("DFM_FUSED_AUTOTUNE")
+        with _testing.override(autotune=False):
+            assert prune(kernel.configs, {}, INPUT_PRECISION="ieee") == fma[:1]
+            assert prune(kernel.configs, {}, INPUT_PRECISION="tf32") == mma[:1]
 
 
 def _triton_version() -> tuple[int, int]:

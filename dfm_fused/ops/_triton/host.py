@@ -3,8 +3,9 @@
 - :func:`interpreting`: whether kernels run under ``TRITON_INTERPRET=1`` (CPU testing).
 - :func:`autotune_configs`: the sm_90 config list, or one small config under the
   interpreter so the CPU test suite stays fast; :func:`prune_configs` narrows it per call.
-- :func:`new_output`: ``torch.empty``, NaN-filled when ``DFM_FUSED_POISON=1`` so that
-  an element a kernel forgets to write fails the tests.
+- :func:`new_output`: ``torch.empty``, NaN-filled under the poison test hook
+  (``DFM_FUSED_POISON=1``, :mod:`dfm_fused._testing`) so that an element a kernel forgets to
+  write fails the tests.
 - :func:`dot_dtype`, :func:`dot_precision`: operand type and float32 precision of ``tl.dot``.
 """
 from __future__ import annotations
@@ -14,9 +15,9 @@ import os
 import torch
 import triton
 
+from dfm_fused._testing import hooks
+
 __all__ = [
-    "AUTOTUNE_ENV",
-    "POISON_ENV",
     "autotune_configs",
     "check_dtype",
     "dot_dtype",
@@ -26,8 +27,6 @@ __all__ = [
     "prune_configs",
 ]
 
-POISON_ENV = "DFM_FUSED_POISON"
-AUTOTUNE_ENV = "DFM_FUSED_AUTOTUNE"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -46,15 +45,16 @@ def prune_configs(k_block: str | None = None):
     With ``k_block``, keeps for IEEE float32 dots (``INPUT_PRECISION="ieee"``) the configs whose
     reduction tile ``k_block`` is 16 and, for tensor-core dots, the others: an IEEE float32
     ``tl.dot`` runs on FMA units with both operand tiles in registers, and with a 32-deep
-    reduction tile it spills heavily on sm_90. With ``DFM_FUSED_AUTOTUNE=0`` only the first
-    remaining config is kept (no benchmarking; fast test runs that compile one config).
+    reduction tile it spills heavily on sm_90. With the autotune test hook off
+    (``DFM_FUSED_AUTOTUNE=0``, :mod:`dfm_fused._testing`) only the first remaining config is
+    kept (no benchmarking; fast test runs that compile one config).
     """
 
     def prune(configs, named_args, **kwargs):
         if k_block is not None:
             fma = kwargs.get("INPUT_PRECISION") == "ieee"
             configs = [c for c in configs if (c.kwargs[k_block] == 16) == fma] or configs
-        if os.environ.get(AUTOTUNE_ENV) == "0":
+        if not hooks.autotune:
             configs = configs[:1]
         return configs
 
@@ -62,9 +62,9 @@ def prune_configs(k_block: str | None = None):
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised buffer a kernel will fully overwrite; NaN-poisoned under ``DFM_FUSED_POISON=1``."""
+    """An uninitialised buffer a kernel will fully overwrite; NaN-poisoned under the poison test hook."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get(POISON_ENV) == "1":
+    if hooks.poison:
         out.fill_(float("nan"))
     return out
 

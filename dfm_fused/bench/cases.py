@@ -8,8 +8,8 @@ same tensors from the same seed.
 
 Implementations (``impl``): ``reference`` (:mod:`dfm_fused.reference`, eager),
 ``reference-compiled`` (the reference under ``torch.compile``, as ``dfbmodels`` ships its
-layers) and the dfm_fused backends (``torch``, ``cpp``, ``cuda``, ``triton``) forced with
-``backend=``. Op cases: the three ops, and ``StateUpdate``: the module in training after
+layers) and the dfm_fused backends (``torch``, ``triton``, and ``extension``, named ``cpp`` on the
+CPU and ``cuda`` on a GPU as in earlier results) forced with ``backend=``. Op cases: the three ops, and ``StateUpdate``: the module in training after
 its QR at t=0, which takes the scalar-decay path (SPEC section 7), against the reference's
 ``h + StateExpDecay(GroupNorm(y), t)``. End-to-end
 cases compare a reference model (plain graph over T steps; ``reference-compiled``:
@@ -138,9 +138,20 @@ def parse_shape(text: str, device_type: str, quick: bool = False) -> Shape:
     return shape
 
 
+# Impl names of the extension backend per device: the names of its two former backends, which
+# the committed results use.
+EXTENSION_IMPLS = {"cpu": "cpp", "cuda": "cuda"}
+
+
+def backend_of(impl: str) -> str:
+    """The dfm_fused backend an impl name forces."""
+    return "extension" if impl in EXTENSION_IMPLS.values() else impl
+
+
 def fused_impls(device_type: str) -> list[str]:
     """dfm_fused backends worth timing on ``device_type`` (Triton on the CPU is an interpreter)."""
-    names = [b for b in dfm_fused.available_backends(device_type) if b != "reference"]
+    names = [EXTENSION_IMPLS[device_type] if b == "extension" else b
+             for b in dfm_fused.available_backends(device_type) if b != "reference"]
     return [b for b in names if not (device_type == "cpu" and b == "triton")]
 
 
@@ -244,7 +255,7 @@ class OpCase(_Case):
         if self.impl == "reference-compiled":
             return _compiled_reference(self.op)
         op = getattr(dfm_fused, self.op)
-        return lambda *args: op(*args, backend=self.impl)
+        return lambda *args: op(*args, backend=backend_of(self.impl))
 
     def _state_update_module(self, device) -> tuple[Callable, torch.Tensor]:
         """``(fn(h, y, t), Q)`` for op ``StateUpdate``: the fused module after its training QR at
@@ -256,7 +267,7 @@ class OpCase(_Case):
             fused(torch.zeros(1, s.C, 1, 1, device=device), torch.randn(1, s.C, 1, 1, device=device), 0)
         if self.impl not in REFERENCE_IMPLS:
             def run(h, y, t):
-                with dfm_fused.use_backend(self.impl):
+                with dfm_fused.use_backend(backend_of(self.impl)):
                     return fused(h, y, t)
 
             return run, fused.Q
@@ -324,7 +335,8 @@ class E2ECase(_Case):
     """A DFM training step (forward over T steps, cross-entropy, backward to every parameter).
 
     ``model``: ``resnet18`` (:mod:`dfm_fused.models`, ``fb_filters=16``, 200 classes)
-    or ``small`` (:class:`dfm_fused.bench.models.SmallDFM`).
+    or ``small`` (:class:`dfm_fused.models.small.SmallDFM`; its reference:
+    :class:`dfm_fused.models.reference.ReferenceSmallDFM`).
     """
 
     model: str
@@ -354,10 +366,11 @@ class E2ECase(_Case):
         torch.manual_seed(0)
         checkpoint = E2E_CHECKPOINT.get(self.impl, False)
         if self.model == "small":
-            from dfm_fused.bench.models import SmallDFM
+            from dfm_fused.models.reference import ReferenceSmallDFM
+            from dfm_fused.models.small import SmallDFM
 
-            fused = SmallDFM(fused=True, checkpoint=checkpoint)
-            model = fused if self.impl != "reference" else SmallDFM(fused=False)
+            fused = SmallDFM(checkpoint=checkpoint)
+            model = fused if self.impl != "reference" else ReferenceSmallDFM()
         else:
             from dfm_fused import models
 

@@ -1,4 +1,5 @@
-"""Literal transcription of the reference ResNet DFM (``dfbmodels/models/resnet.py``).
+"""Literal transcription of the reference ResNet DFM (``dfbmodels/models/resnet.py``), and the
+reference twin of the small benchmark DFM (:class:`ReferenceSmallDFM`).
 
 A second oracle next to :mod:`dfm_fused.reference`: the reference's
 ``StateExpDecay``, its feedback path (slice, ``interpolate``, ``GroupNorm``
@@ -9,16 +10,21 @@ constructor and parameter names as :mod:`dfm_fused.models.resnet`, so one
 state_dict loads into both. The only additions: ``forward`` accepts ``h0``
 (used instead of the random N(0, 1e-3) draw) and records ``steps_run``; the
 layers are not wrapped in ``torch.compile``.
+
+:class:`ReferenceSmallDFM` runs :class:`dfm_fused.models.small.SmallDFM`'s loop with the
+reference ops (:mod:`dfm_fused.reference`) in a plain Python loop, as the reference package does.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from dfm_fused import reference
 from dfm_fused.models._skeleton import ARCHITECTURES, build_resnet_dfm
+from dfm_fused.models.small import GROUPS, small_body, small_frontend, small_initial_state
 from dfm_fused.reference import StateExpDecay
 
-__all__ = ["ReferenceResNet", "ReferenceResNet18", "ReferenceResNet34", "ReferenceResNet50"]
+__all__ = ["ReferenceResNet", "ReferenceResNet18", "ReferenceResNet34", "ReferenceResNet50", "ReferenceSmallDFM"]
 
 
 class ReferenceResNet(nn.Module):
@@ -118,3 +124,37 @@ class ReferenceResNet34(_variant("resnet34", (64, 64))):
 
 class ReferenceResNet50(_variant("resnet50", (224, 224))):
     """Reference ResNet50 DFM (Bottleneck, [3, 4, 6, 3]); 224x224 default shape as in the reference."""
+
+
+class _ReferenceSmallStep(nn.Module):
+    """:class:`dfm_fused.models.small.SmallDFM`'s step on the reference ops; same parameter names."""
+
+    def __init__(self, width: int, classes_ch: int, fb: int, tau: float):
+        super().__init__()
+        self.classes_ch, self.fb = classes_ch, fb
+        state_ch = classes_ch + fb
+        self.body = small_body(width, fb, state_ch)
+        self.update = StateExpDecay(state_ch, (1, 1), tau=tau)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, t: int) -> torch.Tensor:
+        y = self.body(reference.feedback_input(x, h, self.classes_ch, self.fb, GROUPS))
+        # StateExpDecay re-orthogonalises Q at t == 0 in training, as the reference does.
+        return h + self.update(torch.nn.functional.group_norm(y, GROUPS, eps=1e-5), T=t)
+
+
+class ReferenceSmallDFM(nn.Module):
+    """Reference twin of :class:`dfm_fused.models.small.SmallDFM` (same arguments but ``checkpoint``)."""
+
+    def __init__(self, width: int = 64, classes_ch: int = 256, fb: int = 8, n_classes: int = 200, tau: float = 1.0):
+        super().__init__()
+        self.classes_ch, self.fb = classes_ch, fb
+        self.frontend = small_frontend(width)
+        self.loop = _ReferenceSmallStep(width, classes_ch, fb, tau)
+        self.fc = nn.Linear(classes_ch, n_classes)
+
+    def forward(self, images: torch.Tensor, T: int, h0: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.frontend(images)
+        h = small_initial_state(images, self.classes_ch + self.fb, x.device) if h0 is None else h0
+        for t in range(T):
+            h = self.loop(x, h, t)
+        return self.fc(h[:, : self.classes_ch].mean(dim=(2, 3)))

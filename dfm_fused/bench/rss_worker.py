@@ -3,7 +3,7 @@
 Reads a JSON list of case specs on stdin, prints ``{case id: result}`` as one JSON
 line. Per case: build, run once (allocator and kernel warm-up), reset the
 kernel's high-water mark (``/proc/self/clear_refs``), run again and report
-``VmHWM`` minus ``VmRSS`` before that run. Started by
+``VmHWM`` minus ``VmRSS`` before that run (at least 0). Started by
 :func:`dfm_fused.bench.measure.peak_rss` with a fixed glibc mmap threshold so
 that freed tensors leave the process.
 """
@@ -33,7 +33,9 @@ def _measure(case) -> dict:
         return {"rss_error": f"cannot reset the peak RSS (/proc/self/clear_refs: {exc})"}
     base = _status_kib("VmRSS")
     bench.run()
-    return {"rss_peak_bytes": (_status_kib("VmHWM") - base) * 1024}
+    # The kernel counts RSS per thread and folds the counts in lazily, so a run that adds
+    # nothing can read a few pages below its base: that is "no growth", not a negative peak.
+    return {"rss_peak_bytes": max(_status_kib("VmHWM") - base, 0) * 1024}
 
 
 def main() -> None:

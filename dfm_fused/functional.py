@@ -42,10 +42,22 @@ def exp_decay(x, Q, S, t, tau, alpha, *, scalar_decay: bool = False, backend: st
     re-orthogonalised ``Q`` itself can make the promise (:class:`dfm_fused.StateExpDecay`
     does, until ``Q`` is written). The reference backend ignores the flag: it is the oracle.
     """
+    check_exp_decay(x, Q, S, t, tau, alpha)
+    return run_exp_decay(x, Q, S, t, tau, alpha, scalar_decay, backend)
+
+
+def check_exp_decay(x, Q, S, t, tau, alpha, filters: int | None = None) -> None:
+    """The argument checks of :func:`exp_decay`; ``filters``: the channel count a module expects of ``x``."""
     _checks.tensor("x", x, ndim=4)
+    _check_filters("x", x, filters)
     _checks.decay_params(Q, S, x.shape[1], "x.shape[1]")
     _checks.same_device(x=x, Q=Q, S=S)
     _decay_scalars(t, tau, alpha)
+
+
+def run_exp_decay(x, Q, S, t, tau, alpha, scalar_decay: bool = False, backend: str | None = None) -> torch.Tensor:
+    """:func:`exp_decay` on arguments :func:`check_exp_decay` has passed (modules check before they
+    re-orthogonalise ``Q``, then run the op without checking again)."""
     # Under autocast the reference's linear layers return the autocast dtype.
     return _call("exp_decay", x.device.type, backend, lambda low: x.dtype if x.dtype == torch.float64 else low,
                  (x, Q, S, t, tau, alpha), _flag("scalar_decay", scalar_decay))
@@ -95,7 +107,15 @@ def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, s
     Returns:
         ``(B, C, H, W)`` in ``h``'s dtype. Gradients flow to ``h`` (identity), ``y`` and ``Q``.
     """
+    groups = check_state_update(h, y, Q, S, t, tau, alpha, groups, eps)
+    return run_state_update(h, y, Q, S, t, tau, alpha, groups, eps, scalar_decay, backend)
+
+
+def check_state_update(h, y, Q, S, t, tau, alpha, groups, eps, filters: int | None = None) -> int:
+    """The argument checks of :func:`state_update`; returns ``groups`` as an int. ``filters``: the
+    channel count a module expects of ``h``."""
     _checks.tensor("h", h, ndim=4)
+    _check_filters("h", h, filters)
     _checks.tensor("y", y, ndim=4)
     if h.shape != y.shape:
         raise ValueError(f"y: expected the shape of h {tuple(h.shape)}; got {tuple(y.shape)}")
@@ -105,6 +125,12 @@ def state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, *, s
     _checks.divides("groups", groups, "h.shape[1]", h.shape[1])
     _checks.scalar("eps", eps, positive=True)
     _decay_scalars(t, tau, alpha)
+    return groups
+
+
+def run_state_update(h, y, Q, S, t, tau, alpha, groups: int, eps: float = 1e-5, scalar_decay: bool = False,
+                     backend: str | None = None) -> torch.Tensor:
+    """:func:`state_update` on arguments :func:`check_state_update` has passed."""
     # Under autocast the reference adds the autocast-dtype decay output to h.
     return _call("state_update", h.device.type, backend, lambda low: torch.promote_types(h.dtype, low),
                  (h, y, Q, S, t, tau, alpha, groups, float(eps)), _flag("scalar_decay", scalar_decay))
@@ -128,7 +154,14 @@ def general_exp_decay(x, Q, Qinv, S, t, tau, alpha, *, backward: str = "exact", 
         ``(B, C, H, W)`` in ``x``'s dtype. Only the torch backend implements this op; the
         others decline it (:class:`BackendUnavailable` with the reason when forced).
     """
+    check_general_exp_decay(x, Q, Qinv, S, t, tau, alpha, backward)
+    return run_general_exp_decay(x, Q, Qinv, S, t, tau, alpha, backward, backend)
+
+
+def check_general_exp_decay(x, Q, Qinv, S, t, tau, alpha, backward: str = "exact", filters: int | None = None) -> None:
+    """The argument checks of :func:`general_exp_decay`; ``filters`` as in :func:`check_exp_decay`."""
     _checks.tensor("x", x, ndim=4)
+    _check_filters("x", x, filters)
     _checks.decay_params(Q, S, x.shape[1], "x.shape[1]")
     _checks.tensor("Qinv", Qinv, ndim=2)
     if Qinv.shape != Q.shape:
@@ -139,6 +172,11 @@ def general_exp_decay(x, Q, Qinv, S, t, tau, alpha, *, backward: str = "exact", 
         raise ValueError(f"backward: expected 'exact' or 'neumann'; got {backward!r}")
     if backward == "neumann":
         _checks.scalar("t", t, allow_negative=False)
+
+
+def run_general_exp_decay(x, Q, Qinv, S, t, tau, alpha, backward: str = "exact",
+                          backend: str | None = None) -> torch.Tensor:
+    """:func:`general_exp_decay` on arguments :func:`check_general_exp_decay` has passed."""
     return _call("general_exp_decay", x.device.type, backend, lambda low: x.dtype if x.dtype == torch.float64 else low,
                  (x, Q, Qinv, S, t, tau, alpha, backward), False)
 
@@ -155,6 +193,11 @@ def _call(op, device_type, backend, autocast_dtype, args, scalar_decay: bool):
     with torch.autocast(device_type, enabled=False):
         out = impl(*args)
     return out.to(autocast_dtype(torch.get_autocast_dtype(device_type)))
+
+
+def _check_filters(name: str, value: torch.Tensor, filters: int | None) -> None:
+    if filters is not None and value.shape[1] != filters:
+        raise ValueError(f"{name}: expected {filters} channels (filters); got {value.shape[1]}")
 
 
 def _flag(name: str, value) -> bool:

@@ -127,9 +127,10 @@ def test_module_deepcopy_and_device_move_keep_values():
 
 
 def _record_scalar_decay(monkeypatch):
-    """The ``scalar_decay`` flag of every decay op call the modules make, in order."""
+    """The ``scalar_decay`` flag of every decay op call the modules make, in order (the modules
+    check their arguments first, then run the op through ``functional.run_*``)."""
     seen = []
-    for name in ("exp_decay", "state_update"):
+    for name in ("run_exp_decay", "run_state_update"):
         original = getattr(dfm_fused.functional, name)
 
         def spy(*args, _original=original, **kwargs):
@@ -282,3 +283,25 @@ def test_scalar_decay_under_cuda_graph_capture(monkeypatch):
     capturing[0] = True
     assert run("train", 1) is False  # the eager QR is no evidence inside a capture
     assert run("eval", 2) is False
+
+
+def test_module_forward_checks_each_argument_once(monkeypatch):
+    """The modules run the functional layer's checks (before their QR) and not checks of their own
+    on top: each tensor argument is checked once per forward."""
+    checked = []
+    original = dfm_fused._checks.tensor
+
+    def spy(name, value, ndim=None):
+        checked.append(name)
+        return original(name, value, ndim)
+
+    monkeypatch.setattr(dfm_fused._checks, "tensor", spy)
+    update = dfm_fused.StateUpdate(8, 2, tau=1.0).train()
+    update(torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3), 0)
+    assert sorted(checked) == ["Q", "S", "h", "y"]
+    checked.clear()
+    dfm_fused.StateExpDecay(8, (3, 3), tau=1.0).train()(torch.randn(2, 8, 3, 3), T=0)
+    assert sorted(checked) == ["Q", "S", "x"]
+    checked.clear()
+    dfm_fused.StateExpDecay(8, (3, 3), tau=1.0, output_map="Qinv")(torch.randn(2, 8, 3, 3), T=1)
+    assert sorted(checked) == ["Q", "Qinv", "S", "x"]

@@ -48,6 +48,10 @@ def _is_uniform(S: torch.Tensor) -> bool:
 class _DecayParameters(torch.nn.Module):
     """The parameters of the exponential decay, registered as the reference registers them."""
 
+    # False while the caller re-orthogonalises Q itself before each training forward:
+    # dfm_fused.capture does, when the QR cannot be captured into a CUDA graph.
+    qr_in_forward = True
+
     def __init__(self, filters: int, tau: float, alpha: float):
         super().__init__()
         filters = _checks.integer("filters", filters, 1)
@@ -103,12 +107,17 @@ class _DecayParameters(torch.nn.Module):
         # The reference re-orthogonalises at the first step of every training
         # forward. A recomputation inside ``unroll``'s backward replays that step
         # and must not do it a second time.
-        if self.training and T == 0 and not is_recomputing():
-            self.reorthogonalize(self.Q)
-            # A QR captured into a CUDA graph is evidence only inside that capture: replays of
-            # the graph change Q (its optimizer step) without moving its version counter.
-            self._orthonormal_Q = (_written_state(self.Q), _capturing())
+        if self.training and T == 0 and self.qr_in_forward and not is_recomputing():
+            self.orthogonalize_Q()
         return self._scalar_decay()
+
+    def orthogonalize_Q(self) -> None:
+        """The reference's re-orthogonalisation, done by a training forward at ``T == 0``:
+        ``Q`` replaced in place by the Q factor of its complete QR decomposition."""
+        self.reorthogonalize(self.Q)
+        # A QR captured into a CUDA graph is evidence only inside that capture: replays of
+        # the graph change Q (its optimizer step) without moving its version counter.
+        self._orthonormal_Q = (_written_state(self.Q), _capturing())
 
     def _scalar_decay(self) -> bool:
         """True while ``Q`` is the output of this module's own QR, unwritten since (an optimizer
@@ -183,15 +192,15 @@ class StateExpDecay(_DecayParameters):
         self.state = torch.zeros((1, self.filters, *shape), requires_grad=False)
 
     def forward(self, x: torch.Tensor, T=5) -> torch.Tensor:
-        t = self.T * _step_index("T", T)
+        _checks.tensor("x", x, ndim=4)
+        if x.shape[1] != self.filters:
+            raise ValueError(f"x: expected {self.filters} channels (filters); got {x.shape[1]}")
+        _step_index("T", T)
         if self.output_map == "Qinv":
-            F.check_general_exp_decay(x, self.Q, self.Qinv, self.S, t, self.tau, self.alpha, self.backward,
-                                      filters=self.filters)
-            return F.run_general_exp_decay(x, self.Q, self.Qinv, self.S, t, self.tau, self.alpha, self.backward)
-        # Checked before the QR of _begin_step, so bad input changes nothing.
-        F.check_exp_decay(x, self.Q, self.S, t, self.tau, self.alpha, filters=self.filters)
+            return F.general_exp_decay(x, self.Q, self.Qinv, self.S, self.T * T, self.tau, self.alpha,
+                                       backward=self.backward)
         scalar = self._begin_step(T)
-        return F.run_exp_decay(x, self.Q, self.S, t, self.tau, self.alpha, scalar_decay=scalar)
+        return F.exp_decay(x, self.Q, self.S, self.T * T, self.tau, self.alpha, scalar_decay=scalar)
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}, output_map={self.output_map!r}, backward={self.backward!r}"
@@ -215,13 +224,16 @@ class StateUpdate(_DecayParameters):
         self.eps = float(eps)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor, t=0) -> torch.Tensor:
-        step_time = self.T * _step_index("t", t)
-        # Checked before the QR of _begin_step, so bad input changes nothing.
-        F.check_state_update(h, y, self.Q, self.S, step_time, self.tau, self.alpha, self.groups, self.eps,
-                             filters=self.filters)
+        _checks.tensor("h", h, ndim=4)
+        if h.shape[1] != self.filters:
+            raise ValueError(f"h: expected {self.filters} channels (filters); got {h.shape[1]}")
+        _checks.tensor("y", y, ndim=4)
+        if y.shape != h.shape:
+            raise ValueError(f"y: expected the shape of h {tuple(h.shape)}; got {tuple(y.shape)}")
+        _step_index("t", t)
         scalar = self._begin_step(t)
-        return F.run_state_update(h, y, self.Q, self.S, step_time, self.tau, self.alpha, self.groups, self.eps,
-                                  scalar_decay=scalar)
+        return F.state_update(h, y, self.Q, self.S, self.T * t, self.tau, self.alpha, self.groups, self.eps,
+                              scalar_decay=scalar)
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}, groups={self.groups}, eps={self.eps}"

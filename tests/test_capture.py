@@ -12,7 +12,7 @@ from torch import nn
 import dfm_fused
 from dfm_fused import models
 from dfm_fused.capture import _guards, _state
-from dfm_fused.capture._graph import decay_sizes
+from dfm_fused.capture import _graph
 from dfm_fused.models.reference import ReferenceResNet18
 from tests._helpers import rel_err
 
@@ -205,9 +205,60 @@ def test_capture_errors_explain_the_usual_causes():
     assert "get_rng_state" in text and "host sync" in text and "CPU tensor" in text
 
 
-def test_decay_sizes_finds_the_modules_that_reorthogonalise():
-    assert decay_sizes(small_dfm()) == [24]
-    assert decay_sizes(ReferenceResNet18(fb_filters=8, n_classes=4, shape=(32, 32))) == [520]
+def test_qr_modules_finds_the_modules_that_reorthogonalise():
+    fused, reference = _graph.qr_modules(small_dfm())
+    assert [m.Q.shape[0] for m in fused] == [24] and reference == []
+    fused, reference = _graph.qr_modules(ReferenceResNet18(fb_filters=8, n_classes=4, shape=(32, 32)))
+    assert fused == [] and [m.Q.shape[0] for m in reference] == [520]
+    # feedback_segmentation-style decay: no QR
+    assert _graph.qr_modules(dfm_fused.StateExpDecay(6, (2, 2), output_map="Qinv")) == ([], [])
+
+
+def _refuse_qr_capture(monkeypatch):
+    def refuse(api, size, *args):
+        raise _guards.CaptureError(f"{api}: capturing a {size}x{size} QR failed (simulated)")
+
+    monkeypatch.setattr(_graph, "probe_qr", refuse)
+
+
+def test_qr_that_cannot_be_captured_runs_eagerly_outside_the_graph(monkeypatch):
+    """Where the QR cannot be captured it runs before each replay: ``before_forward`` does the
+    reference's re-orthogonalisation and, while the graph is made, the forward skips its own."""
+    _refuse_qr_capture(monkeypatch)
+    model, notes = small_dfm(), []
+    decay = model.error_head
+    qr = _graph.TrainingQR("capture_train_step", model, torch.device("cpu"), None, "global", notes)
+    qr.prepare(3)
+    assert qr.eager and "runs eagerly before each replay" in notes[0] and "simulated" in notes[0]
+    with torch.no_grad():
+        decay.Q.add_(0.1 * torch.randn_like(decay.Q))  # off orthonormal, so that a QR shows
+    before = decay.Q.detach().clone()
+    qr.before_forward(3)
+    torch.testing.assert_close(decay.Q.detach(), torch.linalg.qr(before, mode="complete")[0], rtol=0, atol=0)
+    with torch.no_grad():
+        decay.Q.copy_(before)
+    with qr.making_graph(3):
+        assert decay.qr_in_forward is False
+        model(batch()[0], 3)
+        assert torch.equal(decay.Q, before)  # the forward left the QR to the caller
+    assert "qr_in_forward" not in vars(decay) and decay.qr_in_forward
+    model(batch()[0], 3)
+    assert not torch.equal(decay.Q, before)  # outside, the forward re-orthogonalises again
+    for mode, T in (("eval", 3), ("train", 0)):
+        model.train(mode == "train")
+        current = decay.Q.detach().clone()
+        qr.before_forward(T)
+        with qr.making_graph(T):
+            assert decay.qr_in_forward  # no QR in this forward: nothing to move out
+        assert torch.equal(decay.Q, current)
+
+
+def test_qr_that_cannot_be_captured_in_reference_modules_raises(monkeypatch):
+    _refuse_qr_capture(monkeypatch)
+    model = ReferenceResNet18(fb_filters=8, n_classes=4, shape=(32, 32))
+    qr = _graph.TrainingQR("capture_train_step", model, torch.device("cpu"), None, "global", [])
+    with pytest.raises(_guards.CaptureError, match=r"(?s)simulated.*StateExpDecay.*dfm_fused.patch"):
+        qr.prepare(2)
 
 
 # ---------------------------------------------------------------- on a CUDA device
@@ -274,6 +325,26 @@ def test_replayed_iterations_equal_eager(optimizer_name, checkpoint, determinist
     assert step.counts["replays"] == 3 and step.counts["eager"] == 1, step.counts
     _assert_same_model(graphed, eager)
     assert any("QR of Q" in note for note in step.notes), step.notes
+
+
+@needs_cuda
+def test_replayed_iterations_equal_eager_with_the_qr_outside_the_graph(monkeypatch, deterministic):
+    """Where the QR cannot be captured (simulated), it runs eagerly before each replay and the
+    iterations still equal eager ones."""
+    _refuse_qr_capture(monkeypatch)
+    eager, graphed = _resnet(False), _resnet(False)
+    eager_opt, graphed_opt = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, graphed))
+    batches, T = _batches(3), 3
+    _eager_steps(eager, eager_opt, batches, T)
+    step = dfm_fused.capture_train_step(graphed, graphed_opt, F.cross_entropy, batches[0], T=T)
+    _assert_same_model(graphed, _resnet(False))
+    torch.manual_seed(1)
+    for x, y in batches:
+        graphed_opt.zero_grad()
+        step(x, y)
+    assert step.counts["replays"] == 3, step.counts
+    _assert_same_model(graphed, eager)
+    assert any("runs eagerly before each replay" in note for note in step.notes), step.notes
 
 
 @needs_cuda

@@ -1,4 +1,4 @@
-"""Warm-up and capture on one side stream, and the QR probe.
+"""Warm-up and capture on one side stream, and where the training forward's QR runs.
 
 Both the warm-up and the capture run on the same side stream (the capture
 stream), as ``torch.cuda.make_graphed_callables`` and mamba's ``capture_graph``
@@ -10,13 +10,14 @@ lazy work; the others run with host syncs raising and CPU tensors refused
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from dfm_fused.capture._guards import CaptureError, explain, no_host_sync
 
-__all__ = ["capture", "decay_sizes", "probe_qr", "probe_training_qr", "warm_up"]
+__all__ = ["TrainingQR", "capture", "probe_qr", "qr_modules", "warm_up"]
 
 
 def warm_up(api: str, fn: Callable[[int], object], iterations: int, stream, device: torch.device) -> None:
@@ -44,13 +45,16 @@ def capture(api: str, fn: Callable[[], object], stream, mode: str, what: str):
     return graph, outputs
 
 
-def decay_sizes(model: torch.nn.Module) -> list[int]:
-    """Sizes of the ``Q`` matrices that ``model``'s decay modules re-orthogonalise by QR in training."""
+def qr_modules(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """``model``'s decay modules that re-orthogonalise ``Q`` by QR in a training forward at t=0:
+    ``(this package's, which can leave it to the caller; the reference's, which cannot)``.
+    feedback_segmentation-style modules (``output_map="Qinv"``) do no QR."""
     from dfm_fused.modules import _DecayParameters
     from dfm_fused.reference import StateExpDecay as ReferenceStateExpDecay
 
-    kinds = (_DecayParameters, ReferenceStateExpDecay)
-    return sorted({int(m.Q.shape[0]) for m in model.modules() if isinstance(m, kinds)})
+    fused = [m for m in model.modules() if isinstance(m, _DecayParameters) and getattr(m, "output_map", "QT") == "QT"]
+    reference = [m for m in model.modules() if isinstance(m, ReferenceStateExpDecay)]
+    return fused, reference
 
 
 def probe_qr(api: str, size: int, device: torch.device, stream, mode: str) -> str:
@@ -59,15 +63,8 @@ def probe_qr(api: str, size: int, device: torch.device, stream, mode: str) -> st
     (cuSOLVER) cannot be captured or its replay differs from eager."""
     generator = torch.Generator(device=device).manual_seed(size)
     a = torch.randn(size, size, device=device, generator=generator)
-    try:
-        warm_up(api, lambda i: torch.linalg.qr(a, mode="complete"), 2, stream, device)
-        graph, q = capture(api, lambda: torch.linalg.qr(a, mode="complete")[0], stream, mode, f"a {size}x{size} QR")
-    except CaptureError as exc:
-        raise CaptureError(
-            f"{exc}\nThe training-mode re-orthogonalisation of Q at t=0 (torch.linalg.qr) could not be captured on "
-            "this device. Running it eagerly before each replay needs dfm_fused's decay modules to skip it inside "
-            "the graph, which they do not offer yet; capture the model in eval mode or train it eagerly."
-        ) from exc.__cause__
+    warm_up(api, lambda i: torch.linalg.qr(a, mode="complete"), 2, stream, device)
+    graph, q = capture(api, lambda: torch.linalg.qr(a, mode="complete")[0], stream, mode, f"a {size}x{size} QR")
     with torch.no_grad():
         a.copy_(torch.randn(size, size, device=device, generator=generator))
         expected = torch.linalg.qr(a, mode="complete")[0]
@@ -75,17 +72,68 @@ def probe_qr(api: str, size: int, device: torch.device, stream, mode: str) -> st
         error = float((q - expected).norm() / expected.norm())
     if not error <= 1e-6:
         raise CaptureError(
-            f"{api}: a captured {size}x{size} QR replayed to other values than eager (relative difference {error:.2e}); "
-            "the training-mode re-orthogonalisation of Q at t=0 cannot be captured on this device"
+            f"{api}: a captured {size}x{size} QR replayed to other values than eager (relative difference {error:.2e})"
         )
     return f"QR of Q ({size}x{size}) captured in the graph: a probe replayed it equal to eager (relative difference {error:.1e})"
 
 
-def probe_training_qr(api: str, model: torch.nn.Module, T: int, device, stream, mode: str, probed: set, notes: list) -> None:
-    """Probe the QR capture once per ``Q`` size if ``model``'s forward will re-orthogonalise (training, T > 0)."""
-    if not model.training or T == 0:
-        return
-    for size in decay_sizes(model):
-        if size not in probed:
-            notes.append(probe_qr(api, size, device, stream, mode))
-            probed.add(size)
+class TrainingQR:
+    """Where the QR of ``Q`` that a training forward does at t=0 runs when that forward is captured.
+
+    In the graph, when a probe shows that this device's QR (cuSOLVER) captures and replays
+    equal to eager: every replay re-orthogonalises, as every eager training forward does.
+    Otherwise eagerly, before each warm-up iteration, the capture and each replay, with the
+    decay modules told to skip it in their forward while the graph is made
+    (``qr_in_forward = False``); a model whose reference (``dfbmodels``-style) decay modules
+    cannot skip it raises. ``notes`` records the choice.
+    """
+
+    def __init__(self, api: str, model: torch.nn.Module, device, stream, mode: str, notes: list):
+        self.api, self.model, self.device, self.stream, self.mode, self.notes = api, model, device, stream, mode, notes
+        self.eager = False
+        self._probed: set[int] = set()
+
+    def _active(self, T: int) -> list[torch.nn.Module]:
+        """The fused modules whose QR runs outside the graph for a forward at ``T`` steps."""
+        if not (self.eager and self.model.training and T > 0):
+            return []
+        return qr_modules(self.model)[0]
+
+    def prepare(self, T: int) -> None:
+        """Probe the QR once per ``Q`` size, if a forward at ``T`` steps in the model's mode does one."""
+        if not self.model.training or T == 0:
+            return
+        fused, reference = qr_modules(self.model)
+        for size in sorted({int(m.Q.shape[0]) for m in fused + reference} - self._probed):
+            try:
+                self.notes.append(probe_qr(self.api, size, self.device, self.stream, self.mode))
+            except CaptureError as exc:
+                if reference:
+                    raise CaptureError(
+                        f"{exc}\nThe training-mode re-orthogonalisation of Q at t=0 (torch.linalg.qr) cannot be "
+                        f"captured on this device, and the model's {type(reference[0]).__name__} modules cannot leave "
+                        "it to the caller; swap them for dfm_fused's with dfm_fused.patch(model), capture the model "
+                        "in eval mode, or train it eagerly."
+                    ) from exc.__cause__
+                if not self.eager:
+                    self.notes.append(f"the QR of Q at t=0 runs eagerly before each replay: it cannot be captured ({exc})")
+                self.eager = True
+            self._probed.add(size)
+
+    def before_forward(self, T: int) -> None:
+        """Re-orthogonalise eagerly, where the QR is kept out of the graph; call before each warm-up
+        iteration, the capture and each replay of a forward at ``T`` steps."""
+        for module in self._active(T):
+            module.orthogonalize_Q()
+
+    @contextlib.contextmanager
+    def making_graph(self, T: int):
+        """Around the warm-up and the capture: the decay modules skip the QR that runs outside."""
+        modules = self._active(T)
+        for module in modules:
+            module.qr_in_forward = False
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.qr_in_forward  # back to the class default

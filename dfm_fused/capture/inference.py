@@ -113,7 +113,7 @@ class CapturedInference:
         self.steps_run = 0
         self._stream = torch.cuda.Stream(self.device)
         self._graphs: dict[tuple, object] = {}
-        self._probed: set[int] = set()
+        self._qr = _graph.TrainingQR(API, model, self.device, self._stream, mode, self.notes)
         self._entry(input_tensor("example_input", example_input, self.device))
 
     def reset(self) -> None:
@@ -126,6 +126,7 @@ class CapturedInference:
         entry.x.copy_(x)
         self.counts["replays"] += 1
         if isinstance(entry, _Fixed):
+            self._qr.before_forward(self.T)
             entry.graph.replay()
             for name, value in entry.attributes.items():
                 setattr(self.model, name, value)
@@ -148,8 +149,7 @@ class CapturedInference:
         key = (tuple(x.shape), x.dtype, self.model.training)
         entry = self._graphs.get(key)
         if entry is None:
-            _graph.probe_training_qr(API, self.model, self.T, self.device, self._stream, self.mode, self._probed,
-                                     self.notes)
+            self._qr.prepare(self.T)
             static_x = x.detach().clone()
             early = self.atol is not None and self.T >= 1
             entry = self._capture_early_stop(static_x) if early else self._capture_fixed(static_x)
@@ -157,9 +157,14 @@ class CapturedInference:
         return entry
 
     def _warm_up(self, run) -> None:
+        def iteration(i):
+            self._qr.before_forward(self.T)
+            run()
+
         snapshot = Snapshot(self.model, None, self.device)
         try:
-            _graph.warm_up(API, lambda i: run(), self.warmup, self._stream, self.device)
+            with self._qr.making_graph(self.T):
+                _graph.warm_up(API, iteration, self.warmup, self._stream, self.device)
         finally:
             snapshot.restore()
 
@@ -175,7 +180,8 @@ class CapturedInference:
                 return self.model(x, self.T)
 
         self._warm_up(forward)
-        graph, out = self._capture(forward, f"the forward at T={self.T}")
+        with self._qr.making_graph(self.T):
+            graph, out = self._capture(forward, f"the forward at T={self.T}")
         if not isinstance(out, torch.Tensor):
             raise CaptureError(f"{API}: model(x, T) must return a tensor to be replayed; got {type(out).__name__}")
         attributes = {name: self.model.__dict__[name] for name in ("state", "steps_run") if name in self.model.__dict__}

@@ -160,7 +160,7 @@ class CapturedTrainStep:
         self._grads: list[torch.Tensor] = []
         self._reached: list[torch.Tensor] | None = None
         self._unreached: list[torch.Tensor] = []
-        self._probed: set[int] = set()
+        self._qr = _graph.TrainingQR(API, model, self.device, self._stream, mode, self.notes)
         self._hyper: list[dict] | None = None
         self._optimizer_objects = (optimizer.state, optimizer.param_groups)
         self._needs_eager = False
@@ -187,6 +187,7 @@ class CapturedTrainStep:
             return self._iteration(x, target, T, optimizer_step, self._grads if fresh else None)
         entry.x.copy_(x)
         entry.target.copy_(target)
+        self._qr.before_forward(T)
         entry.graph.replay()
         for name, value in entry.attributes.items():
             setattr(self.model, name, value)
@@ -214,18 +215,20 @@ class CapturedTrainStep:
     def _capture(self, x, target, T, optimizer_step, fresh) -> _Graph | None:
         """Warm up for this case, capture it and cache it; ``None`` if the optimizer must step eagerly first."""
         static_x, static_target = x.detach().clone(), target.detach().clone()
-        _graph.probe_training_qr(API, self.model, T, self.device, self._stream, self.mode, self._probed, self.notes)
+        self._qr.prepare(T)
         snapshot = Snapshot(self.model, self.optimizer, self.device)
         try:
             def iteration(i):
                 snapshot.clear_grads()
+                self._qr.before_forward(T)
                 self._iteration(static_x, static_target, T, optimizer_step, None)
                 if self._reached is None:
                     trainable = [p for p in optimizer_params(self.optimizer) if p.requires_grad]
                     self._reached = [p for p in trainable if p.grad is not None]
                     self._unreached = [p for p in trainable if p.grad is None]
 
-            _graph.warm_up(API, iteration, self.warmup, self._stream, self.device)
+            with self._qr.making_graph(T):
+                _graph.warm_up(API, iteration, self.warmup, self._stream, self.device)
             created = snapshot.created_state() if optimizer_step else []
         finally:
             snapshot.restore()
@@ -237,10 +240,13 @@ class CapturedTrainStep:
             self.notes.append(f"the optimizer creates state at its first step ({', '.join(created[:3])}"
                               f"{', ...' if len(created) > 3 else ''}): that step runs eagerly, the graph is captured after it")
             return None
-        graph, loss = _graph.capture(
-            API, lambda: self._iteration(static_x, static_target, T, optimizer_step, self._grads if fresh else None),
-            self._stream, self.mode, "the training iteration",
-        )
+        # No eager QR before the capture: the capture only records kernels, and an extra QR
+        # of Q would change it (a QR may flip the signs of an orthonormal matrix's columns).
+        with self._qr.making_graph(T):
+            graph, loss = _graph.capture(
+                API, lambda: self._iteration(static_x, static_target, T, optimizer_step, self._grads if fresh else None),
+                self._stream, self.mode, "the training iteration",
+            )
         if optimizer_step and self._hyper is None:
             self._hyper = hyperparameters(self.optimizer)
         self.counts["captures"] += 1

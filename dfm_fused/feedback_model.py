@@ -44,14 +44,49 @@ __all__ = ["FeedbackLoop", "FeedbackModel"]
 
 
 class FeedbackLoop(nn.Module):
-    """The DFM loop. Subclasses provide ``encode``, ``run_body``, ``predict``, ``state_size`` and
-    the attributes ``feedback`` (a :class:`FeedbackInput` or ``None``), ``error_head`` (a
-    :class:`StateUpdate`), ``state_channels``, ``checkpoint``, ``init_std`` and ``reference_init``.
+    """The DFM loop. Subclasses provide ``encode``, ``run_body``, ``predict``, ``state_size``,
+    ``step_modules`` and the attribute ``state_channels``.
 
-    ``reference_init=True`` reproduces the reference's ``to_equilibrium``, which zeroes the
-    state before its loop: for ``T >= 2`` the initial state (``h0`` or the random draw)
-    is replaced by zeros; for ``T == 1`` it is used as is.
+    Args:
+        error_head: the decay module, a :class:`StateUpdate` (its unused ``Qinv`` is frozen, so
+            DistributedDataParallel needs no ``find_unused_parameters``), registered with the
+            step counter ``T`` (a frozen 0-d parameter holding the steps run after a forward).
+            ``None``: the subclass registers both itself (the ResNet DFMs build them with the
+            reference's layers, in the reference's order).
+        feedback: the :class:`FeedbackInput` of the fed-back channels, or ``None`` (no feedback).
+        checkpoint: ``True`` (memory-saving backward, flat in T), ``"selective"`` or ``False``,
+            as for :func:`dfm_fused.unroll`; a settable attribute.
+        init_std: std of the random initial state.
+        reference_init: ``True`` reproduces the reference's ``to_equilibrium``, which zeroes the
+            state before its loop: for ``T >= 2`` the initial state (``h0`` or the random draw)
+            is replaced by zeros; for ``T == 1`` it is used as is.
+        **modules: the subclass's other modules, registered first, in the order given (their
+            order is the parameters' order).
     """
+
+    def __init__(
+        self,
+        *,
+        error_head: nn.Module | None = None,
+        feedback: FeedbackInput | None = None,
+        checkpoint: bool | str = True,
+        init_std: float = 1e-3,
+        reference_init: bool = False,
+        **modules: nn.Module,
+    ):
+        super().__init__()
+        self.checkpoint = checkpoint_mode(checkpoint)
+        self.init_std = float(init_std)
+        self.reference_init = bool(reference_init)
+        for name, module in modules.items():
+            setattr(self, name, module)
+        self.feedback = feedback
+        if error_head is not None:
+            self.error_head = error_head
+            self.error_head.Qinv.requires_grad_(False)
+            self.T = nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.state = torch.zeros(())
+        self.steps_run = 0
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -214,32 +249,31 @@ class FeedbackModel(FeedbackLoop):
         init_std: float = 1e-3,
         reference_init: bool = False,
     ):
-        super().__init__()
         for name, module in (("body", body), ("head", head)):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name}: expected a torch.nn.Module; got {type(module).__name__}")
         if frontend is not None and not isinstance(frontend, nn.Module):
             raise TypeError(f"frontend: expected a torch.nn.Module or None; got {type(frontend).__name__}")
-        self.in_channels = _checks.integer("in_channels", in_channels, 1)
-        self.pred_channels = _checks.integer("pred_channels", pred_channels, 1)
-        self.fb_channels = _checks.integer("fb_channels", fb_channels, 0)
+        in_channels = _checks.integer("in_channels", in_channels, 1)
+        pred_channels = _checks.integer("pred_channels", pred_channels, 1)
+        fb_channels = _checks.integer("fb_channels", fb_channels, 0)
         stride = (state_stride, state_stride) if isinstance(state_stride, int) else tuple(state_stride)
-        self.state_stride = tuple(_checks.integer("state_stride", s, 1) for s in stride)
-        self.state_channels = self.pred_channels + self.fb_channels
-        self.frontend = nn.Identity() if frontend is None else frontend
-        self.body = body
-        self.head = head
-        self.feedback = None
-        if self.fb_channels:
-            self.feedback = FeedbackInput(self.fb_channels, self.pred_channels, fb_groups or groups, eps)
-        self.error_head = StateUpdate(self.state_channels, groups, tau, alpha, eps)
-        # Unused by the math; frozen so DistributedDataParallel needs no find_unused_parameters.
-        self.error_head.Qinv.requires_grad_(False)
-        self.checkpoint = checkpoint_mode(checkpoint)
-        self.init_std = float(init_std)
-        self.reference_init = bool(reference_init)
-        self.T = nn.Parameter(torch.zeros(()), requires_grad=False)
-        self.steps_run = 0
+        state_stride = tuple(_checks.integer("state_stride", s, 1) for s in stride)
+        state_channels = pred_channels + fb_channels
+        feedback = FeedbackInput(fb_channels, pred_channels, fb_groups or groups, eps) if fb_channels else None
+        super().__init__(
+            frontend=nn.Identity() if frontend is None else frontend,
+            body=body,
+            head=head,
+            feedback=feedback,
+            error_head=StateUpdate(state_channels, groups, tau, alpha, eps),
+            checkpoint=checkpoint,
+            init_std=init_std,
+            reference_init=reference_init,
+        )
+        self.in_channels, self.pred_channels, self.fb_channels = in_channels, pred_channels, fb_channels
+        self.state_stride = state_stride
+        self.state_channels = state_channels
 
     def encode(self, x):
         z = self.frontend(x)

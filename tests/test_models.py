@@ -8,6 +8,7 @@ import torch
 import dfm_fused
 from dfm_fused import models
 from dfm_fused.bench.memory import forward_live_bytes
+from dfm_fused.feedback_model import FeedbackLoop
 from dfm_fused.models.reference import ReferenceResNet18
 from tests import _golden as golden_module
 from tests._golden import load_golden, rel_err
@@ -360,3 +361,48 @@ def test_small_dfm_matches_its_reference_twin(checkpoint):
     fused_logits.square().sum().backward()
     ref_logits.square().sum().backward()
     _assert_grads_close(_grads(fused), _grads(ref))
+
+
+class _OneConvDFM(FeedbackLoop):
+    """A DFM written against FeedbackLoop.__init__ alone: a 3x3 conv body, state at full resolution."""
+
+    def __init__(self, **kwargs):
+        super().__init__(
+            body=torch.nn.Conv2d(3 + 4, 8, 3, padding=1),
+            feedback=dfm_fused.FeedbackInput(4, 4, groups=2),
+            error_head=dfm_fused.StateUpdate(8, groups=4, tau=1.0),
+            **kwargs,
+        )
+        self.state_channels = 8
+
+    def encode(self, x):
+        return x
+
+    def run_body(self, x_tilde):
+        return self.body(x_tilde)
+
+    def predict(self, h):
+        return h[:, :4].mean(dim=(2, 3))
+
+    def state_size(self, x):
+        return tuple(x.shape[-2:])
+
+    def step_modules(self):
+        return [self.body, self.error_head]
+
+
+def test_feedback_loop_init_sets_up_the_loop():
+    """FeedbackLoop.__init__ registers the modules in order, the decay module (Qinv frozen) and the
+    step counter T, and takes checkpoint, init_std and reference_init."""
+    model = _OneConvDFM(checkpoint="selective", init_std=0.5, reference_init=True)
+    assert [name for name, _ in model.named_children()] == ["body", "feedback", "error_head"]
+    assert (model.checkpoint, model.init_std, model.reference_init, model.steps_run) == ("selective", 0.5, True, 0)
+    assert not model.error_head.Qinv.requires_grad and not model.T.requires_grad
+    x = torch.randn(2, 3, 5, 5)
+    model(x, 3).sum().backward()
+    assert model.steps_run == 3 and float(model.T) == 3 and model.error_head.Q.grad is not None
+    # reference_init: the state is zeroed before a loop of T >= 2, so h0 is not read.
+    h0 = torch.randn(2, 8, 5, 5)
+    assert torch.equal(model(x, 2, h0=h0), model(x, 2, h0=torch.zeros_like(h0)))
+    with pytest.raises(ValueError, match="checkpoint: expected True, 'selective' or False; got 'all'"):
+        _OneConvDFM(checkpoint="all")

@@ -26,7 +26,6 @@ from torch import nn
 from dfm_fused.feedback_model import FeedbackLoop
 from dfm_fused.models._skeleton import ARCHITECTURES, build_resnet_dfm, state_spatial
 from dfm_fused.modules import FeedbackInput, StateUpdate
-from dfm_fused.unroll import checkpoint_mode
 
 __all__ = ["ResNet", "ResNet18", "ResNet34", "ResNet50"]
 
@@ -46,7 +45,8 @@ class ResNet(FeedbackLoop):
         self, arch: str, fb_filters: int = 0, n_classes: int = 200, shape=(64, 64), tau: float = 1.0,
         *, checkpoint: bool | str = True,
     ):
-        super().__init__()
+        # The decay module and T are registered by build_resnet_dfm, as in the reference.
+        super().__init__(checkpoint=checkpoint, init_std=1e-3, reference_init=True)
         if arch not in ARCHITECTURES:
             raise ValueError(f"arch: expected one of {sorted(ARCHITECTURES)}; got {arch!r}")
         block, layers = ARCHITECTURES[arch]
@@ -57,11 +57,6 @@ class ResNet(FeedbackLoop):
         fb = fb_filters * self.block_expansion
         # No parameters: adds no state_dict keys.
         self.feedback = FeedbackInput(fb, self.pred_channels, groups=8) if fb else None
-        self.checkpoint = checkpoint_mode(checkpoint)
-        self.init_std = 1e-3
-        self.reference_init = True
-        self.state = torch.zeros(())
-        self.steps_run = 0
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:

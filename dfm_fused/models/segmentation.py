@@ -20,7 +20,6 @@ from dfm_fused import _checks
 from dfm_fused.feedback_model import FeedbackLoop
 from dfm_fused.models._blocks import BasicBlock
 from dfm_fused.modules import FeedbackInput, StateUpdate
-from dfm_fused.unroll import checkpoint_mode
 
 __all__ = ["SegmentationDFM"]
 
@@ -95,41 +94,42 @@ class SegmentationDFM(FeedbackLoop):
         *,
         checkpoint: bool | str = True,
     ):
-        super().__init__()
         in_channels = _checks.integer("in_channels", in_channels, 1)
         classes = _checks.integer("classes", classes, 1)
-        self.fb_filters = _checks.integer("fb_filters", fb_filters, 1)
-        self.class_filters = _checks.integer("class_filters", class_filters, 1)
+        fb_filters = _checks.integer("fb_filters", fb_filters, 1)
+        class_filters = _checks.integer("class_filters", class_filters, 1)
         width = _checks.integer("width", width, 1)
         if norm not in ("batch", "group"):
             raise ValueError(f"norm: expected 'batch' or 'group'; got {norm!r}")
         if len(tuple(blocks)) != 3:
             raise ValueError(f"blocks: expected 3 stage depths; got {blocks!r}")
-        self.in_channels = in_channels
-        self.pred_channels = self.class_filters
-        self.state_channels = self.class_filters + self.fb_filters
-        self.frontend = _conv_norm_relu(in_channels, width, norm)
-        self.frontend[0].stride = (2, 2)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        state_channels = class_filters + fb_filters
+        frontend = _conv_norm_relu(in_channels, width, norm)
+        frontend[0].stride = (2, 2)
         b1, b2, b3 = blocks
-        self.stage1 = _Stage(width + self.fb_filters, width, b1, 1, norm)
-        self.stage2 = _Stage(width, 2 * width, b2, 2, norm)
-        self.stage3 = _Stage(2 * width, 4 * width, b3, 2, norm)
-        decoder = max(self.state_channels, 8)
-        self.aspp = _ASPP(4 * width, decoder, tuple(rates), norm)
-        self.low_level = _conv_norm_relu(width, 48, norm, kernel=1)
-        self.fuse = _conv_norm_relu(decoder + 48, decoder, norm)
-        self.to_state = nn.Conv2d(decoder, self.state_channels, 1)
-        self.segmentation_head = nn.Conv2d(self.class_filters, classes, 1)
-        self.feedback = FeedbackInput(self.fb_filters, self.class_filters, groups=self.fb_filters)
-        self.error_head = StateUpdate(self.state_channels, groups=self.state_channels, tau=tau, alpha=alpha)
-        self.error_head.Qinv.requires_grad_(False)  # unused; frozen for DistributedDataParallel
-        self.T = nn.Parameter(torch.zeros(()), requires_grad=False)
-        self.checkpoint = checkpoint_mode(checkpoint)
-        self.init_std = 1e-3
-        self.reference_init = True
-        self.state = torch.zeros(())
-        self.steps_run = 0
+        decoder = max(state_channels, 8)
+        # Built in this order (the random initial weights depend on it), registered in it.
+        modules = dict(frontend=frontend, maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        modules["stage1"] = _Stage(width + fb_filters, width, b1, 1, norm)
+        modules["stage2"] = _Stage(width, 2 * width, b2, 2, norm)
+        modules["stage3"] = _Stage(2 * width, 4 * width, b3, 2, norm)
+        modules["aspp"] = _ASPP(4 * width, decoder, tuple(rates), norm)
+        modules["low_level"] = _conv_norm_relu(width, 48, norm, kernel=1)
+        modules["fuse"] = _conv_norm_relu(decoder + 48, decoder, norm)
+        modules["to_state"] = nn.Conv2d(decoder, state_channels, 1)
+        modules["segmentation_head"] = nn.Conv2d(class_filters, classes, 1)
+        super().__init__(
+            **modules,
+            feedback=FeedbackInput(fb_filters, class_filters, groups=fb_filters),
+            error_head=StateUpdate(state_channels, groups=state_channels, tau=tau, alpha=alpha),
+            checkpoint=checkpoint,
+            init_std=1e-3,
+            reference_init=True,
+        )
+        self.in_channels = in_channels
+        self.fb_filters, self.class_filters = fb_filters, class_filters
+        self.pred_channels = class_filters
+        self.state_channels = state_channels
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

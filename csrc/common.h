@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -36,16 +37,22 @@ void dispatch_layout(bool channels_last, F&& f) {
 // not be re-dispatched to autocast when an op (or its backward) runs inside an autocast region.
 #define DFM_FUSED_NO_AUTOCAST() c10::impl::ExcludeDispatchKeyGuard dfm_fused_no_autocast_(c10::autocast_dispatch_keyset)
 
-// at::empty, filled with NaN when DFM_FUSED_POISON=1 so that elements a kernel fails
-// to write show up in tests.
+// at::empty, filled with NaN while poisoning is on (test_hooks.cpp: DFM_FUSED_POISON=1 at load,
+// or set_poison) so that elements a kernel fails to write show up in tests.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat format = at::MemoryFormat::Contiguous);
+void set_poison(bool enabled);
+bool poison_enabled();
 
-// Shapes and dtypes shared by the checks of every device.
+// Argument checks of every device's entry points (checks.cpp).
 void check_decay_args(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D);
+// check_decay_args(a, Q, D), and grad matches a (named a_name in the message) in shape and dtype.
+void check_decay_backward_args(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& Q, const at::Tensor& D,
+                               const char* a_name);
 void check_state_update_args(const at::Tensor& h, const at::Tensor& y, const at::Tensor& Q, const at::Tensor& D,
                              int64_t groups);
 void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offset, int64_t fb, int64_t groups);
+void check_feedback_backward_args(const at::Tensor& grad, const at::Tensor& h, int64_t fb);
 
 // The op entry points, declared once for each device namespace.
 #define DFM_FUSED_DECLARE_OPS() \
@@ -83,10 +90,13 @@ DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS()
 }
 #endif
 
-// The CPU target the next call runs: DFM_FUSED_CPU_TARGET ("baseline" or "avx2") when set,
-// otherwise the best one this build has and this CPU supports. Asking for a target that is
-// not built or not supported raises.
+// The CPU target the next call runs: the one asked for ("baseline" or "avx2": DFM_FUSED_CPU_TARGET
+// at load, or set_cpu_target), otherwise the best one this build has and this CPU supports.
+// Asking for a target that is not built or not supported raises.
 const char* cpu_target();
+// "" for the best one; raises for a name that is not a target, or a target that cannot run here
+// (the setting is then unchanged). Returns the previous request ("" for the best one).
+std::string set_cpu_target(const std::string& name);
 }  // namespace cpu
 
 #ifdef DFM_FUSED_WITH_CUDA

@@ -3,56 +3,13 @@
 // Autograd and fake (meta) kernels are registered from Python, next to each op's backend
 // (dfm_fused/ops/<op>/extension_backend.py), with torch.library.register_autograd and
 // register_fake, so torch.compile traces the ops without graph breaks.
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "common.h"
-
-namespace dfm_fused {
-
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
-  // Read per call (cheap next to any kernel) so tests can switch it on after loading.
-  const char* value = std::getenv("DFM_FUSED_POISON");
-  const bool poison = value != nullptr && std::strcmp(value, "1") == 0;
-  at::Tensor out = at::empty(sizes, options.memory_format(format));
-  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
-}
-
-void check_decay_args(const at::Tensor& x, const at::Tensor& Q, const at::Tensor& D) {
-  TORCH_CHECK(x.dim() == 4, "dfm_fused: x must be (B, C, H, W); got ", x.sizes());
-  const int64_t C = x.size(1);
-  TORCH_CHECK(Q.dim() == 2 && Q.size(0) == C && Q.size(1) == C, "dfm_fused: Q must be (", C, ", ", C, "); got ",
-              Q.sizes());
-  TORCH_CHECK(D.dim() == 1 && D.size(0) == C, "dfm_fused: D must be (", C, ",); got ", D.sizes());
-  const auto acc = at::toOpMathType(x.scalar_type());
-  TORCH_CHECK(Q.scalar_type() == acc && D.scalar_type() == acc, "dfm_fused: Q and D must be ", acc, " for ",
-              x.scalar_type(), " activations; got ", Q.scalar_type(), " and ", D.scalar_type());
-}
-
-void check_state_update_args(const at::Tensor& h, const at::Tensor& y, const at::Tensor& Q, const at::Tensor& D,
-                             int64_t groups) {
-  check_decay_args(y, Q, D);
-  TORCH_CHECK(h.sizes() == y.sizes() && h.scalar_type() == y.scalar_type(),
-              "dfm_fused: h and y must have one shape and dtype; got ", h.sizes(), " ", h.scalar_type(), " and ",
-              y.sizes(), " ", y.scalar_type());
-  TORCH_CHECK(groups >= 1 && y.size(1) % groups == 0, "dfm_fused: groups must divide C");
-}
-
-void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offset, int64_t fb, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4 && h.dim() == 4 && x.size(0) == h.size(0), "dfm_fused: x and h must be (B, C, H, W)");
-  TORCH_CHECK(x.scalar_type() == h.scalar_type(), "dfm_fused: x and h must have one dtype");
-  TORCH_CHECK(offset >= 0 && fb >= 1 && offset + fb <= h.size(1) && groups >= 1 && fb % groups == 0,
-              "dfm_fused: bad offset/fb/groups");
-}
-
-}  // namespace dfm_fused
 
 TORCH_LIBRARY(dfm_fused, m) {
   // scalar_decay: Q is orthonormal and D uniform (SPEC section 7), so M = diag(D): a per-channel
@@ -124,5 +81,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Facts about this build: torch and CUDA versions it was built against, CUDA archs, CPU targets "
      "built, OpenMP.");
   m.def("cpu_target", [] { return std::string(dfm_fused::cpu::cpu_target()); },
-        "The CPU target the next CPU kernel call runs (DFM_FUSED_CPU_TARGET, or the best supported).");
+        "The CPU target the next CPU kernel call runs (DFM_FUSED_CPU_TARGET at load or set_cpu_target, "
+        "or the best supported).");
+  // Test hooks (csrc/test_hooks.cpp, csrc/cpu/target.cpp): the environment is read once, at load.
+  m.def("set_cpu_target", &dfm_fused::cpu::set_cpu_target, pybind11::arg("name"),
+        "Run CPU kernels built for `name` ('baseline' or 'avx2'; '' for the best supported) from now on; "
+        "returns the previous request.");
+  m.def("set_poison", &dfm_fused::set_poison, pybind11::arg("enabled"),
+        "Fill kernel outputs with NaN before the kernel writes them (DFM_FUSED_POISON=1 at load).");
+  m.def("poison_enabled", &dfm_fused::poison_enabled, "Whether kernel outputs are NaN-filled first.");
 }

@@ -2,11 +2,16 @@
 
 Backends ``auto`` tries, in order, for each device type:
 
-- ``cuda`` tensors: ``cuda`` (C++/CUDA extension), ``torch``; ``triton`` runs
-  only when asked for (slower than both on an H200);
-- ``cpu`` tensors: ``cpp`` (C++ extension), ``torch``;
+- ``cuda`` tensors: ``extension`` (the C++/CUDA extension, when built with CUDA
+  kernels), ``torch``; ``triton`` runs only when asked for (slower than both on an H200);
+- ``cpu`` tensors: ``extension`` (its C++ kernels), ``torch``;
 - ``reference`` (the literal pure-PyTorch oracle) runs anywhere but is only used
   when asked for.
+
+``extension`` is one compiled library whose ops the torch dispatcher routes by
+device; ``cpp`` (its CPU kernels only) and ``cuda`` (its CUDA kernels only) are
+deprecated names for it, still accepted everywhere a backend is named, with a
+:class:`DeprecationWarning`.
 
 ``auto`` (the default) picks the first available backend for the tensor's
 device. ``set_backend(name)`` or the environment variable ``DFM_FUSED_BACKEND``
@@ -26,6 +31,7 @@ import contextlib
 import importlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -67,8 +73,7 @@ def _cuda_device_probe() -> None:
 
 
 def _extension_probe(device_type: str) -> None:
-    if device_type == "cuda":
-        _cuda_device_probe()
+    # require() gives every reason at once (e.g. no GPU, and a build without CUDA kernels).
     try:
         extension = importlib.import_module("dfm_fused._extension")
     except ImportError as exc:
@@ -99,20 +104,28 @@ _BACKENDS = {
             _triton_probe,
             (torch.float16, torch.bfloat16, torch.float32),
         ),
-        _Backend("cuda", "dfm_fused.ops.{op}.extension_backend", ("cuda",), _extension_probe),
-        _Backend("cpp", "dfm_fused.ops.{op}.extension_backend", ("cpu",), _extension_probe),
+        _Backend("extension", "dfm_fused.ops.{op}.extension_backend", ("cpu", "cuda"), _extension_probe),
         _Backend("torch", "dfm_fused.ops.{op}.torch_backend", ("cpu", "cuda"), _always),
         _Backend("reference", "dfm_fused.reference", ("cpu", "cuda"), _always),
     )
 }
+# Deprecated names of the extension restricted to one device type (it was two backends): they
+# run as before, one device each, and are not listed by backend_status / available_backends.
+_DEPRECATED = {
+    b.name: b
+    for b in (
+        _Backend("cpp", "dfm_fused.ops.{op}.extension_backend", ("cpu",), _extension_probe),
+        _Backend("cuda", "dfm_fused.ops.{op}.extension_backend", ("cuda",), _extension_probe),
+    )
+}
 # Order in which ``auto`` tries backends per device type. Triton on the CPU is
 # an interpreter for testing, never a fast path. On CUDA, Triton is opt-in: on an H200
-# (benchmarks/results/h200_*) the torch backend beat it in 20 of the 24 op cases and cuda in 21,
-# while cuda and torch split the cases (cuda ahead at the ResNet shapes, torch at the
-# segmentation ones).
+# (benchmarks/results/h200_*) the torch backend beat it in 20 of the 24 op cases and the
+# extension in 21, while the extension and torch split the cases (the extension ahead at the
+# ResNet shapes, torch at the segmentation ones).
 _AUTO_ORDER = {
-    "cuda": ("cuda", "torch"),
-    "cpu": ("cpp", "torch"),
+    "cuda": ("extension", "torch"),
+    "cpu": ("extension", "torch"),
 }
 
 _lock = threading.Lock()
@@ -129,7 +142,7 @@ def _load(name: str, device_type: str) -> dict[str, Callable]:
         with _lock:
             hit = _cache.get(key)
             if hit is None:
-                hit = _try_load(_BACKENDS[name], device_type)
+                hit = _try_load(_BACKENDS.get(name) or _DEPRECATED[name], device_type)
                 _cache[key] = hit
     if isinstance(hit, BackendUnavailable):
         raise BackendUnavailable(str(hit))
@@ -158,16 +171,30 @@ def _try_load(backend: _Backend, device_type: str):
 
 
 def _check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS):
+    if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS and name not in _DEPRECATED):
         known = ", ".join(["auto", *_BACKENDS])
         raise ValueError(f"{what}: expected one of {known}; got {name!r}")
     return name
+
+
+def _warn_if_deprecated(name: str, what: str, stacklevel: int) -> None:
+    if name in _DEPRECATED:
+        (device_type,) = _DEPRECATED[name].devices
+        warnings.warn(
+            f"{what}: backend {name!r} is deprecated; use 'extension', which runs the same kernels on "
+            f"{device_type!r} tensors (and on the other devices it was built for)",
+            DeprecationWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def backend_status(device_type: str | None = None) -> dict[str, str | None]:
     """``{backend: None if it can run, else the reason}`` for a device type.
 
     ``device_type=None`` means the best device here (``cuda`` if available, else ``cpu``).
+    ``extension`` runs on ``cpu`` once the library is built, and on ``cuda`` only when it was built
+    with CUDA kernels and a GPU is present; its reason says which is missing. The deprecated names
+    ``cpp`` and ``cuda`` are not listed.
     """
     device_type = device_type or _default_device_type()
     status = {}
@@ -197,7 +224,8 @@ def set_backend(name: str | None) -> None:
     """
     global _forced
     if name is not None:
-        _require_runnable(_check_name(name, "set_backend(name)"))
+        _warn_if_deprecated(_check_name(name, "set_backend(name)"), "set_backend(name)", 2)
+        _require_runnable(name)
     with _lock:
         _forced = name
 
@@ -207,7 +235,7 @@ def _require_runnable(name: str) -> None:
     if name == "auto":
         return
     reasons = []
-    for device_type in _BACKENDS[name].devices:
+    for device_type in (_BACKENDS.get(name) or _DEPRECATED[name]).devices:
         try:
             _load(name, device_type)
             return
@@ -226,12 +254,14 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager form of :func:`set_backend`; restores the previous setting on exit."""
+    global _forced
     previous = _forced
     set_backend(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        with _lock:  # back to a setting that was accepted (and warned about) when it was made
+            _forced = previous
 
 
 def resolve(
@@ -258,7 +288,11 @@ def _require_op(name: str, device_type: str, op: str) -> None:
 def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.dtype | None) -> str:
     # Under torch.compile this runs once at trace time and its result is baked
     # into the graph, so dispatch costs nothing per call and breaks no graph.
-    name = _check_name(backend, "backend") if backend is not None else get_backend()
+    if backend is not None:
+        name = _check_name(backend, "backend")
+        _warn_if_deprecated(name, "backend", 5)  # the caller of dfm_fused.<op>
+    else:
+        name = get_backend()
     if name != "auto":
         _require_op(name, device_type, op)
         return name
@@ -287,6 +321,7 @@ def check_environment() -> None:
     name = os.environ.get(ENV_VAR)
     if name:
         _check_name(name, f"environment variable {ENV_VAR}")
+        _warn_if_deprecated(name, f"environment variable {ENV_VAR}", 3)
         try:
             _require_runnable(name)
         except BackendUnavailable as exc:

@@ -1,10 +1,14 @@
 """Loader of the compiled C++/CUDA extension ``dfm_fused._C``.
 
 Importing :mod:`dfm_fused` never fails because of the extension: it is loaded lazily,
-once (thread-safely), the first time a ``cpp`` or ``cuda`` backend is asked for. If it
-is missing, was built against another torch, or lacks the CUDA kernels, those backends
-are reported unavailable with the reason and how to rebuild; forcing them raises
-:class:`dfm_fused.BackendUnavailable` with that message.
+once (thread-safely), the first time the ``extension`` backend is asked for. If it
+is missing or was built against another torch, the backend is reported unavailable with
+the reason and how to rebuild, on every device; if it lacks the CUDA kernels (or there is no
+GPU), on ``cuda`` tensors only. Forcing it there raises :class:`dfm_fused.BackendUnavailable`
+with that message.
+
+Test hooks: the library reads ``DFM_FUSED_POISON`` and ``DFM_FUSED_CPU_TARGET`` once, when it is
+loaded; :func:`set_poison` and :func:`set_cpu_target` change them afterwards.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 
 from dfm_fused._dispatch import BackendUnavailable
 
-__all__ = ["build_info", "memory_format_of", "require"]
+__all__ = ["build_info", "memory_format_of", "require", "set_cpu_target", "set_poison"]
 
 _REBUILD = "run `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 _lock = threading.Lock()
@@ -83,16 +87,44 @@ def require(device_type: str) -> None:
 def build_info() -> dict:
     """What was built: ``available`` and ``reason``, then (if loaded) the torch and CUDA versions it was
     built against, ``cuda_arch_list``, ``cpu_targets`` (``baseline``, plus ``avx2`` on x86-64),
-    ``cpu_target`` (the one CPU kernels run now: ``DFM_FUSED_CPU_TARGET`` or the best this CPU
-    supports), ``openmp`` and ATen's ``parallel_info``.
+    ``cpu_target`` (the one CPU kernels run now: :func:`set_cpu_target`, ``DFM_FUSED_CPU_TARGET``
+    at load, or the best this CPU supports), ``openmp`` and ATen's ``parallel_info``.
 
-    Raises ``RuntimeError`` when ``DFM_FUSED_CPU_TARGET`` names a target that is not built or
-    not supported here.
+    Raises ``RuntimeError`` when ``DFM_FUSED_CPU_TARGET`` named at load a target that is not built
+    or not supported here.
     """
     module, reason = _load()
     if module is None:
         return {"available": False, "reason": reason}
     return {"available": True, "reason": None, **module.build_info(), "cpu_target": module.cpu_target()}
+
+
+def _loaded_module():
+    module, reason = _load()
+    if module is None:
+        raise BackendUnavailable(reason)
+    return module
+
+
+def set_poison(enabled: bool) -> bool:
+    """Test hook: fill the outputs of every later extension kernel with NaN before the kernel writes
+    them (``enabled``), so that an element it fails to write shows up; returns the previous setting.
+    Starts as ``DFM_FUSED_POISON=1`` was at load."""
+    module = _loaded_module()
+    previous = module.poison_enabled()
+    module.set_poison(bool(enabled))
+    return previous
+
+
+def set_cpu_target(name: str | None) -> str | None:
+    """Test hook: run the CPU kernels built per target for ``name`` (``"baseline"`` or ``"avx2"``;
+    ``None``: the best this CPU supports) from now on; returns the previous request (``None``: the
+    best). Starts as ``DFM_FUSED_CPU_TARGET`` was at load.
+
+    Raises ``RuntimeError`` for a name that is not a target, or a target not built or not
+    supported here (the setting is then unchanged).
+    """
+    return _loaded_module().set_cpu_target(name or "") or None
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

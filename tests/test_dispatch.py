@@ -21,7 +21,31 @@ def test_reference_and_torch_are_always_available_on_cpu():
     available = dfm_fused.available_backends("cpu")
     assert "torch" in available and "reference" in available
     status = dfm_fused.backend_status("cpu")
-    assert status["cuda"] and "does not run on 'cpu'" in status["cuda"]
+    assert list(status) == ["triton", "extension", "torch", "reference"]  # no deprecated names
+
+
+def _extension_reason(device_type: str) -> str | None:
+    from dfm_fused import _extension
+
+    try:
+        _extension.require(device_type)
+    except dfm_fused.BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def test_one_extension_backend_reports_each_device():
+    """``extension`` is one backend for the CPU and CUDA kernels of one library (before: ``cpp`` and
+    ``cuda``); its status says per device whether it runs there and, if not, why."""
+    for device_type in ("cpu", "cuda"):
+        reason = _extension_reason(device_type)
+        status = dfm_fused.backend_status(device_type)["extension"]
+        if reason is None:
+            assert status is None and "extension" in dfm_fused.available_backends(device_type)
+        else:
+            assert status == f"backend 'extension' is unavailable: {reason}"
+    if not torch.cuda.is_available():
+        assert "no CUDA device is available" in dfm_fused.backend_status("cuda")["extension"]
 
 
 def test_auto_picks_the_first_available_backend_for_the_device():
@@ -52,13 +76,48 @@ def test_unknown_backend_is_a_value_error():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_backend_raises_with_the_reason():
-    with pytest.raises(dfm_fused.BackendUnavailable, match="no CUDA device|does not run on"):
+    with pytest.raises(dfm_fused.BackendUnavailable, match="no CUDA device|does not run on"), \
+            pytest.warns(DeprecationWarning):
         dfm_fused.set_backend("cuda")
     x = torch.randn(1, 4, 2, 2)
     Q, S = decay_args(4)
-    with pytest.raises(dfm_fused.BackendUnavailable, match="does not run on 'cpu'"):
+    with pytest.raises(dfm_fused.BackendUnavailable, match="does not run on 'cpu'"), pytest.warns(DeprecationWarning):
         dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cuda")
     assert dfm_fused.get_backend() == "auto"  # a refused set_backend leaves the setting alone
+    with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'extension' is unavailable: no CUDA device"):
+        _dispatch.resolve("exp_decay", "cuda", "extension")
+
+
+@pytest.mark.skipif(_extension_reason("cpu") is not None, reason="the extension does not run on cpu here")
+def test_deprecated_extension_names_still_work_on_their_device():
+    """``cpp`` and ``cuda`` (the extension's former two backends) are accepted with a DeprecationWarning and
+    keep their behaviour: ``cpp`` runs CPU tensors only, ``cuda`` CUDA tensors only."""
+    with pytest.warns(DeprecationWarning, match=r"set_backend\(name\): backend 'cpp' is deprecated; use 'extension'"):
+        dfm_fused.set_backend("cpp")
+    assert dfm_fused.get_backend() == "cpp"
+    assert _dispatch.resolve("exp_decay", "cpu")[0] == "cpp"
+    with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'cpp' does not run on 'cuda' tensors"):
+        _dispatch.resolve("exp_decay", "cuda")
+    dfm_fused.set_backend("extension")
+    assert _dispatch.resolve("exp_decay", "cpu")[0] == "extension"
+    x = torch.randn(1, 4, 2, 2)
+    Q, S = decay_args(4)
+    expected = dfm_fused.exp_decay(x, Q, S, 1, 1, 1)
+    with pytest.warns(DeprecationWarning, match="backend: backend 'cpp' is deprecated"):
+        torch.testing.assert_close(dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cpp"), expected, rtol=0, atol=0)
+    with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'cuda' does not run on 'cpu' tensors"), \
+            pytest.warns(DeprecationWarning):
+        dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cuda")
+
+
+@pytest.mark.skipif(_extension_reason("cpu") is not None, reason="the extension does not run on cpu here")
+def test_deprecated_name_in_the_environment_still_works():
+    code = "import dfm_fused\nfrom dfm_fused import _dispatch\nprint(_dispatch.resolve('exp_decay', 'cpu')[0])\n"
+    out = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", code],
+                         env={**_env(), "DFM_FUSED_BACKEND": "cpp"}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpp"]
+    assert "environment variable DFM_FUSED_BACKEND: backend 'cpp' is deprecated; use 'extension'" in out.stderr
 
 
 def test_environment_variable_forces_a_backend_in_a_fresh_process():
@@ -109,8 +168,9 @@ def test_unavailable_backend_in_the_environment_says_what_set_backend_says():
     """One wording for "no CUDA": at import the variable gets set_backend's message (before, the first
     op said "does not run on 'cpu' tensors" while set_backend said "no CUDA device is available")."""
     line = _import_error(DFM_FUSED_BACKEND="cuda")
-    assert line == f"dfm_fused._dispatch.BackendUnavailable: environment variable DFM_FUSED_BACKEND=cuda: " \
-                   f"{_set_backend_error('cuda')}"
+    with pytest.warns(DeprecationWarning):  # the extension's former name for its CUDA kernels
+        expected = _set_backend_error("cuda")
+    assert line == f"dfm_fused._dispatch.BackendUnavailable: environment variable DFM_FUSED_BACKEND=cuda: {expected}"
     assert "no CUDA device is available" in line
 
 

@@ -1,14 +1,15 @@
-"""The C++/CUDA extension backends (``cpp`` on CPU tensors, ``cuda`` on GPU tensors) against
-:mod:`dfm_fused.reference`: forward and every gradient, dtypes, odd shapes, layouts,
+"""The C++/CUDA extension backend (``extension``: its CPU kernels on CPU tensors, its CUDA kernels
+on GPU tensors) against :mod:`dfm_fused.reference`: forward and every gradient, dtypes, odd shapes, layouts,
 float64 gradcheck, thread-count determinism and ``torch.compile(fullgraph=True)``.
 
 Expected values come from the reference run in float64 on the same (upcast) inputs.
-Outputs are allocated NaN-filled (``DFM_FUSED_POISON=1``), so an element a kernel fails
-to write fails the full-tensor comparison.
+Outputs are allocated NaN-filled (:func:`dfm_fused._extension.set_poison`, the hook behind
+``DFM_FUSED_POISON=1``), so an element a kernel fails to write fails the full-tensor comparison.
 """
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,18 +30,31 @@ def _reason(device_type: str) -> str | None:
 
 CPU_REASON = _reason("cpu")
 CUDA_REASON = _reason("cuda")
-BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")),
-    pytest.param("cuda", marks=pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda backend: {CUDA_REASON}")),
+    pytest.param("cpu", marks=pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")),
+    pytest.param("cuda", marks=pytest.mark.skipif(CUDA_REASON is not None, reason=f"extension on cuda: {CUDA_REASON}")),
 ]
 # Relative tolerance per dtype, applied against max(1, max |expected|).
 TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("DFM_FUSED_POISON", "1")
+def _poison():
+    if CPU_REASON is not None:  # the library is not loaded: nothing to poison
+        yield
+        return
+    previous = _extension.set_poison(True)
+    yield
+    _extension.set_poison(previous)
+
+
+@pytest.fixture
+def cpu_target():
+    """Sets the CPU target with :func:`dfm_fused._extension.set_cpu_target`; restores the previous one."""
+    previous = _extension.set_cpu_target(None)
+    _extension.set_cpu_target(previous)
+    yield _extension.set_cpu_target
+    _extension.set_cpu_target(previous)
 
 
 def _ops():
@@ -188,33 +202,70 @@ def test_feedback_input(case, dtype, layout, device):
     )
 
 
-@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
 @pytest.mark.parametrize("target", ["baseline", "avx2"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", FEEDBACK_CASES, ids=str)
-def test_feedback_input_each_cpu_target(case, dtype, layout, target, monkeypatch):
+def test_feedback_input_each_cpu_target(case, dtype, layout, target, cpu_target):
     """Both builds of the CPU kernels (csrc/cpu/target.h), whichever one `auto` picks here."""
-    monkeypatch.setenv("DFM_FUSED_CPU_TARGET", target)
     if target not in _extension.build_info()["cpu_targets"]:
         pytest.skip(f"this build has no {target} kernels")
     try:
-        assert _extension.build_info()["cpu_target"] == target
+        cpu_target(target)
     except RuntimeError as exc:  # built, but this CPU lacks the instructions
         pytest.skip(str(exc))
+    assert _extension.build_info()["cpu_target"] == target
     test_feedback_input(case, dtype, layout, "cpu")
 
 
-@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
-def test_bad_cpu_target_raises(monkeypatch):
-    import dfm_fused
-
-    monkeypatch.setenv("DFM_FUSED_CPU_TARGET", "avx512")
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
+def test_bad_cpu_target_raises_and_changes_nothing(cpu_target):
+    before = _extension.build_info()["cpu_target"]
     with pytest.raises(RuntimeError, match="DFM_FUSED_CPU_TARGET must be 'baseline' or 'avx2'; got 'avx512'"):
-        _extension.build_info()
-    x, h = torch.randn(1, 2, 3, 3), torch.randn(1, 4, 2, 2)
-    with pytest.raises(RuntimeError, match="DFM_FUSED_CPU_TARGET"):
-        dfm_fused.feedback_input(x, h, 0, 2, 1, backend="cpp")
+        cpu_target("avx512")
+    assert _extension.build_info()["cpu_target"] == before
+
+
+def _run_python(code: str, **variables) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFM_FUSED_")} | variables
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
+def test_test_hooks_are_read_once_when_the_library_loads():
+    """DFM_FUSED_POISON and DFM_FUSED_CPU_TARGET are read when dfm_fused._C is loaded, not per call
+    (before: a getenv per kernel call); later changes to the environment have no effect, the
+    setters do. A bad target named at load raises at the first CPU kernel call, as before."""
+    code = (
+        "import os, torch, dfm_fused\n"
+        "from dfm_fused import _extension\n"
+        "print(_extension.build_info()['cpu_target'])\n"
+        "os.environ['DFM_FUSED_CPU_TARGET'] = 'no-such-target'\n"
+        "os.environ['DFM_FUSED_POISON'] = '0'\n"
+        "print(_extension.build_info()['cpu_target'], _extension.set_poison(False), _extension.set_poison(False))\n"
+    )
+    out = _run_python(code, DFM_FUSED_CPU_TARGET="baseline", DFM_FUSED_POISON="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["baseline", "baseline", "True", "False"]
+
+    bad = (
+        "import os, torch, dfm_fused\n"
+        "os.environ['DFM_FUSED_CPU_TARGET'] = 'avx512'  # after the import's check, before the library loads\n"
+        "dfm_fused.feedback_input(torch.randn(1, 2, 3, 3), torch.randn(1, 4, 2, 2), 0, 2, 1, backend='extension')\n"
+    )
+    out = _run_python(bad)
+    assert out.returncode != 0
+    assert "DFM_FUSED_CPU_TARGET must be 'baseline' or 'avx2'; got 'avx512'" in out.stderr
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
+def test_poison_fills_outputs_a_kernel_does_not_write():
+    """The GroupNorm statistics of an empty state are never written: NaN while poisoning is on."""
+    state = torch.zeros(2, 4, 0, 3)
+    _extension.set_poison(True)
+    mean = torch.ops.dfm_fused.state_update(state, state, torch.eye(4), torch.ones(4), 2, 1e-5)[1]
+    assert mean.shape == (2, 2) and mean.isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -273,7 +324,7 @@ def _all_ops_once(device):
     return results
 
 
-@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
 def test_cpu_results_do_not_depend_on_thread_count():
     threads = torch.get_num_threads()
     try:
@@ -345,7 +396,7 @@ def test_torch_compile_fullgraph(op, device):
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
 def test_build_info():
     info = _extension.build_info()
     assert info["available"] and info["reason"] is None
@@ -381,22 +432,25 @@ def test_unavailable_reasons(monkeypatch, tmp_path):
     assert f"built against torch 1.0.0+old, running {torch.__version__}: rebuild" in reason
 
 
-@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_backend_unavailable_message_without_gpu():
     with pytest.raises(BackendUnavailable, match="CUDA"):
         _extension.require("cuda")
 
 
-@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpp backend: {CPU_REASON}")
-def test_functional_dispatch_uses_cpp():
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"extension on cpu: {CPU_REASON}")
+def test_functional_dispatch_uses_the_extension():
     import dfm_fused
 
     x = torch.randn(2, 6, 3, 3)
     Q, S, t, tau, alpha = _decay_params(6, "cpu")
-    out = dfm_fused.exp_decay(x, Q, S, t, tau, alpha, backend="cpp")
-    _close(out, reference.exp_decay(*_upcast([x, Q, S]), t, tau, alpha), torch.float32, "functional cpp")
-    assert "cpp" in dfm_fused.available_backends("cpu")
+    out = dfm_fused.exp_decay(x, Q, S, t, tau, alpha, backend="extension")
+    _close(out, reference.exp_decay(*_upcast([x, Q, S]), t, tau, alpha), torch.float32, "functional extension")
+    assert "extension" in dfm_fused.available_backends("cpu")
+    with pytest.warns(DeprecationWarning, match="backend 'cpp' is deprecated; use 'extension'"):
+        old = dfm_fused.exp_decay(x, Q, S, t, tau, alpha, backend="cpp")
+    torch.testing.assert_close(old, out, rtol=0, atol=0)
 
 
 def test_installed_package_is_tested():

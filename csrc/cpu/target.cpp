@@ -1,8 +1,12 @@
 // Run-time choice of CPU target for the kernels built per target (csrc/cpu/target.h).
+// DFM_FUSED_CPU_TARGET is read once, when the library is loaded; tests switch targets afterwards
+// with set_cpu_target (dfm_fused._extension.set_cpu_target), not through the environment.
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "../common.h"
 
@@ -26,19 +30,56 @@ bool built_with_avx2() {
 #endif
 }
 
-}  // namespace
+enum Target : int { kBest, kBaseline, kAvx2, kInvalid };
 
-const char* cpu_target() {
-  // Read per call (cheap next to a kernel) so tests can run both targets in one process.
-  const char* asked = std::getenv("DFM_FUSED_CPU_TARGET");
-  if (asked == nullptr || asked[0] == '\0') return cpu_has_avx2() ? "avx2" : "baseline";
-  if (std::strcmp(asked, "baseline") == 0) return "baseline";
-  TORCH_CHECK(std::strcmp(asked, "avx2") == 0, "dfm_fused: DFM_FUSED_CPU_TARGET must be 'baseline' or 'avx2'; got '",
-              asked, "'");
+// The environment's value, kept only when it is not a target name: the first CPU kernel call
+// raises with it (an exception cannot leave the library's static initialisation).
+const std::string& invalid_request() {
+  static const std::string value = [] {
+    const char* asked = std::getenv("DFM_FUSED_CPU_TARGET");
+    return asked == nullptr ? std::string() : std::string(asked);
+  }();
+  return value;
+}
+
+Target parse(const char* asked) {
+  if (asked == nullptr || asked[0] == '\0') return kBest;
+  if (std::strcmp(asked, "baseline") == 0) return kBaseline;
+  if (std::strcmp(asked, "avx2") == 0) return kAvx2;
+  return kInvalid;
+}
+
+std::atomic<int> requested{parse(std::getenv("DFM_FUSED_CPU_TARGET"))};
+
+const char* resolve(Target target, const std::string& asked) {
+  TORCH_CHECK(target != kInvalid, "dfm_fused: DFM_FUSED_CPU_TARGET must be 'baseline' or 'avx2'; got '", asked, "'");
+  if (target == kBest) return cpu_has_avx2() ? "avx2" : "baseline";
+  if (target == kBaseline) return "baseline";
   TORCH_CHECK(built_with_avx2(), "dfm_fused: DFM_FUSED_CPU_TARGET=avx2, but this build has no AVX2 kernels "
               "(built with DFM_FUSED_CPU_AVX2=0 or not for x86-64)");
   TORCH_CHECK(cpu_has_avx2(), "dfm_fused: DFM_FUSED_CPU_TARGET=avx2, but this CPU lacks AVX2/FMA");
   return "avx2";
+}
+
+}  // namespace
+
+const char* cpu_target() {
+  return resolve(static_cast<Target>(requested.load(std::memory_order_relaxed)), invalid_request());
+}
+
+std::string set_cpu_target(const std::string& name) {
+  const Target target = parse(name.c_str());
+  resolve(target, name);  // raises, as a kernel call would, for a target that cannot run here
+  switch (static_cast<Target>(requested.exchange(target, std::memory_order_relaxed))) {
+    case kBaseline:
+      return "baseline";
+    case kAvx2:
+      return "avx2";
+    case kInvalid:
+      return invalid_request();
+    default:
+      return "";
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_input(const at::Tensor& x, const at::Tensor& h,

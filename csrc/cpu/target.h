@@ -1,9 +1,13 @@
-// Included last (after every other header) by a CPU kernel file that is compiled once per CPU
-// target: csrc/cpu/<op>.cpp gives the baseline x86-64 object, csrc/cpu/avx2/<op>.cpp defines
-// DFM_FUSED_TARGET_AVX2 and includes it again for AVX2 + FMA. Code after this header is built
-// for that target and goes in namespace dfm_fused::cpu::DFM_FUSED_TARGET_NS, so the two
-// objects share no symbol. Headers stay before it: their inline functions and templates are
-// baseline code in both objects, so the linker can merge them safely.
+// Included last (after every other header) by a CPU kernel source that is compiled once per CPU
+// target. setup.py compiles such a source twice: as is (the baseline x86-64 object) and again with
+// -DDFM_FUSED_TARGET_AVX2 (AVX2 + FMA). Code after this header is built for that target and goes
+// in namespace dfm_fused::cpu::DFM_FUSED_TARGET_NS, so the two objects share no symbol.
+//
+// The target is set by a pragma here rather than by -mavx2 -mfma on the command line: headers
+// stay before it, so their inline functions and templates (ATen, the standard library) are
+// baseline code in both objects and the linker can merge them safely; compiled with -mavx2, the
+// linker could keep an AVX2 copy of one of them for the whole library, which would fault on a CPU
+// without AVX2.
 #pragma once
 
 #if defined(DFM_FUSED_TARGET_AVX2)

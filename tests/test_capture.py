@@ -523,7 +523,7 @@ def _op_inputs(op, device):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["cuda", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["extension", "torch", "triton"])
 @pytest.mark.parametrize("op", ["exp_decay", "feedback_input", "state_update"])
 def test_each_op_forward_and_backward_is_capture_safe(op, backend):
     """Each fused op, forward and backward, warms up with host syncs raising and CPU tensors

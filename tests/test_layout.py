@@ -1,5 +1,6 @@
 """The package layout CONTRIBUTING.md describes: op folders share code only through the shared
-modules (``ops/_triton``, ``ops/_torch``, ``ops/_decay.py``, ``ops/_autograd.py``)."""
+modules (``ops/_triton``, ``ops/_torch``, ``ops/_decay.py``, ``ops/_autograd.py``), and no Python
+file of the package is over 400 lines."""
 import ast
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dfm_fused"
 OPS = PACKAGE / "ops"
+MAX_LINES = 400
 OP_FOLDERS = sorted(p.name for p in OPS.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
 
 
@@ -55,3 +57,11 @@ def test_shared_modules_import_no_op_folder():
     ]
     assert not offending, "\n".join(offending)
 
+
+def test_no_long_python_files():
+    long_files = {
+        str(path.relative_to(PACKAGE.parent)): n
+        for path in PACKAGE.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long_files, f"over {MAX_LINES} lines (split them): {long_files}"

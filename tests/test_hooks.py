@@ -50,3 +50,22 @@ def test_new_output_follows_poison_hook(monkeypatch):
         assert torch.isnan(new_output((64,), torch.float32, "cpu")).all()
     with _testing.override(poison=False):
         assert not torch.isnan(new_output((64,), torch.float32, "cpu")).any()
+
+
+def test_override_switches_the_extension_poison_too():
+    """One switch for every backend: with the extension loaded, override(poison=...) sets its
+    poison as well (an unwritten statistic of an empty state reads NaN) and restores it."""
+    from dfm_fused import _extension
+
+    info = _extension.build_info()  # loads the library when it can
+    if not info["available"]:
+        pytest.skip(f"extension: {info['reason']}")
+    state = torch.zeros(2, 4, 0, 3)
+    before = _extension.set_poison(False)
+    try:
+        with _testing.override(poison=True):
+            mean = torch.ops.dfm_fused.state_update(state, state, torch.eye(4), torch.ones(4), 2, 1e-5)[1]
+            assert mean.isnan().all()
+        assert _extension.set_poison(False) is False
+    finally:
+        _extension.set_poison(before)

@@ -2,6 +2,7 @@
 modules (``ops/_triton``, ``ops/_torch``, ``ops/_decay.py``, ``ops/_autograd.py``), and no Python
 file of the package is over 400 lines."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,25 @@ def test_no_long_python_files():
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long_files, f"over {MAX_LINES} lines (split them): {long_files}"
+
+
+_ENV_READS = re.compile(
+    r"""(?:environ(?:\.get)?\(\s*|environ\[\s*|getenv\(\s*|setenv\(\s*|_ENV\s*=\s*|_VAR\s*=\s*|ENV\s*=\s*)["'](DFM_FUSED_\w+)["']"""
+    r"""|\$\{?(DFM_FUSED_\w+)|\bexport\s+(DFM_FUSED_\w+)=|\benv\s+(?:\w+=\S+\s+)*(DFM_FUSED_\w+)="""
+)
+
+
+def test_readme_lists_every_environment_variable():
+    """Every DFM_FUSED_* variable the package, its build, scripts and tests read is a row of the
+    README's environment-variable table."""
+    root = PACKAGE.parent
+    sources = [*PACKAGE.rglob("*.py"), *(root / "csrc").rglob("*.[ch]*"), *(root / "scripts").glob("*"),
+               *(root / "tests").glob("*.py"), root / "setup.py"]
+    read = set()
+    for path in sources:
+        if path.is_file() and path.name != "test_layout.py":
+            for match in _ENV_READS.finditer(path.read_text(errors="replace")):
+                read.add(next(group for group in match.groups() if group))
+    table = set(re.findall(r"^\| `(DFM_FUSED_\w+)` \|", (root / "README.md").read_text(), re.MULTILINE))
+    assert {"DFM_FUSED_BACKEND", "DFM_FUSED_POISON", "DFM_FUSED_BUILD_CUDA"} <= read
+    assert read <= table, f"not in the README table: {sorted(read - table)}"

@@ -1,4 +1,5 @@
-// Op registration (TORCH_LIBRARY namespace `dfm_fused`) and the pybind11 build report.
+// Op registration (TORCH_LIBRARY namespace `dfm_fused`, CPU and CUDA kernels: the dispatcher picks
+// by device), the pybind11 build report and the test-hook setters. Argument checks: checks.cpp.
 //
 // Autograd and fake (meta) kernels are registered from Python, next to each op's backend
 // (dfm_fused/ops/<op>/extension_backend.py), with torch.library.register_autograd and

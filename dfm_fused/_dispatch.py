@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -177,15 +178,25 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
-def _warn_if_deprecated(name: str, what: str, stacklevel: int) -> None:
-    if name in _DEPRECATED:
-        (device_type,) = _DEPRECATED[name].devices
-        warnings.warn(
-            f"{what}: backend {name!r} is deprecated; use 'extension', which runs the same kernels on "
-            f"{device_type!r} tensors (and on the other devices it was built for)",
-            DeprecationWarning,
-            stacklevel=stacklevel + 1,
-        )
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _warn_if_deprecated(name: str, what: str) -> None:
+    if name not in _DEPRECATED:
+        return
+    # Attribute the warning to the first caller outside dfm_fused (the line that named the backend;
+    # contextlib's frames too, for use_backend), so that Python's default filters show it there.
+    frame, stacklevel = sys._getframe(0), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    (device_type,) = _DEPRECATED[name].devices
+    warnings.warn(
+        f"{what}: backend {name!r} is deprecated; use 'extension', which runs the same kernels on "
+        f"{device_type!r} tensors (and on the other devices it was built for)",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def backend_status(device_type: str | None = None) -> dict[str, str | None]:
@@ -224,7 +235,7 @@ def set_backend(name: str | None) -> None:
     """
     global _forced
     if name is not None:
-        _warn_if_deprecated(_check_name(name, "set_backend(name)"), "set_backend(name)", 2)
+        _warn_if_deprecated(_check_name(name, "set_backend(name)"), "set_backend(name)")
         _require_runnable(name)
     with _lock:
         _forced = name
@@ -290,7 +301,7 @@ def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.d
     # into the graph, so dispatch costs nothing per call and breaks no graph.
     if backend is not None:
         name = _check_name(backend, "backend")
-        _warn_if_deprecated(name, "backend", 5)  # the caller of dfm_fused.<op>
+        _warn_if_deprecated(name, "backend")
     else:
         name = get_backend()
     if name != "auto":
@@ -321,7 +332,7 @@ def check_environment() -> None:
     name = os.environ.get(ENV_VAR)
     if name:
         _check_name(name, f"environment variable {ENV_VAR}")
-        _warn_if_deprecated(name, f"environment variable {ENV_VAR}", 3)
+        _warn_if_deprecated(name, f"environment variable {ENV_VAR}")
         try:
             _require_runnable(name)
         except BackendUnavailable as exc:

@@ -103,8 +103,9 @@ def test_deprecated_extension_names_still_work_on_their_device():
     x = torch.randn(1, 4, 2, 2)
     Q, S = decay_args(4)
     expected = dfm_fused.exp_decay(x, Q, S, 1, 1, 1)
-    with pytest.warns(DeprecationWarning, match="backend: backend 'cpp' is deprecated"):
+    with pytest.warns(DeprecationWarning, match="backend: backend 'cpp' is deprecated") as caught:
         torch.testing.assert_close(dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cpp"), expected, rtol=0, atol=0)
+    assert caught[0].filename == __file__  # the caller's line, where the default filters show it
     with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'cuda' does not run on 'cpu' tensors"), \
             pytest.warns(DeprecationWarning):
         dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cuda")

@@ -2,6 +2,8 @@
 modules (``ops/_triton``, ``ops/_torch``, ``ops/_decay.py``, ``ops/_autograd.py``), and no Python
 file of the package is over 400 lines."""
 import ast
+import importlib
+import sys
 import re
 from pathlib import Path
 
@@ -88,3 +90,29 @@ def test_readme_lists_every_environment_variable():
     table = set(re.findall(r"^\| `(DFM_FUSED_\w+)` \|", (root / "README.md").read_text(), re.MULTILINE))
     assert {"DFM_FUSED_BACKEND", "DFM_FUSED_POISON", "DFM_FUSED_BUILD_CUDA"} <= read
     assert read <= table, f"not in the README table: {sorted(read - table)}"
+
+
+@pytest.mark.parametrize("old, new, name", [
+    ("dfm_fused.ops.common", "dfm_fused.ops._decay", "decay_vector"),
+    ("dfm_fused.ops.common", "dfm_fused.ops._torch.channel", "outer_over_pixels"),
+    ("dfm_fused.ops.triton_utils", "dfm_fused.ops._triton.host", "new_output"),
+])
+def test_moved_modules_still_import_with_a_deprecation_warning(old, new, name):
+    if "triton" in old:
+        pytest.importorskip("triton")
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=old.rsplit(".", 1)[-1]):
+        module = importlib.import_module(old)
+    alias = "channel_outer" if name == "outer_over_pixels" else name
+    assert getattr(module, alias) is getattr(importlib.import_module(new), name)
+
+
+def test_bench_small_dfm_still_builds_with_a_deprecation_warning():
+    from dfm_fused.bench import models as old
+    from dfm_fused.models.reference import ReferenceSmallDFM
+    from dfm_fused.models.small import SmallDFM
+
+    kwargs = dict(width=8, classes_ch=16, fb=8, n_classes=5)
+    with pytest.warns(DeprecationWarning, match="dfm_fused.models.small.SmallDFM"):
+        fused, ref = old.SmallDFM(True, checkpoint=False, **kwargs), old.SmallDFM(False, **kwargs)
+    assert type(fused) is SmallDFM and fused.checkpoint is False and type(ref) is ReferenceSmallDFM

@@ -192,15 +192,15 @@ class StateExpDecay(_DecayParameters):
         self.state = torch.zeros((1, self.filters, *shape), requires_grad=False)
 
     def forward(self, x: torch.Tensor, T=5) -> torch.Tensor:
-        _checks.tensor("x", x, ndim=4)
-        if x.shape[1] != self.filters:
-            raise ValueError(f"x: expected {self.filters} channels (filters); got {x.shape[1]}")
-        _step_index("T", T)
+        t = self.T * _step_index("T", T)
         if self.output_map == "Qinv":
-            return F.general_exp_decay(x, self.Q, self.Qinv, self.S, self.T * T, self.tau, self.alpha,
-                                       backward=self.backward)
+            F.check_general_exp_decay(x, self.Q, self.Qinv, self.S, t, self.tau, self.alpha, self.backward,
+                                      filters=self.filters)
+            return F.run_general_exp_decay(x, self.Q, self.Qinv, self.S, t, self.tau, self.alpha, self.backward)
+        # Checked before the QR of _begin_step, so bad input changes nothing.
+        F.check_exp_decay(x, self.Q, self.S, t, self.tau, self.alpha, filters=self.filters)
         scalar = self._begin_step(T)
-        return F.exp_decay(x, self.Q, self.S, self.T * T, self.tau, self.alpha, scalar_decay=scalar)
+        return F.run_exp_decay(x, self.Q, self.S, t, self.tau, self.alpha, scalar_decay=scalar)
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}, output_map={self.output_map!r}, backward={self.backward!r}"
@@ -224,16 +224,13 @@ class StateUpdate(_DecayParameters):
         self.eps = float(eps)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor, t=0) -> torch.Tensor:
-        _checks.tensor("h", h, ndim=4)
-        if h.shape[1] != self.filters:
-            raise ValueError(f"h: expected {self.filters} channels (filters); got {h.shape[1]}")
-        _checks.tensor("y", y, ndim=4)
-        if y.shape != h.shape:
-            raise ValueError(f"y: expected the shape of h {tuple(h.shape)}; got {tuple(y.shape)}")
-        _step_index("t", t)
+        step_time = self.T * _step_index("t", t)
+        # Checked before the QR of _begin_step, so bad input changes nothing.
+        F.check_state_update(h, y, self.Q, self.S, step_time, self.tau, self.alpha, self.groups, self.eps,
+                             filters=self.filters)
         scalar = self._begin_step(t)
-        return F.state_update(h, y, self.Q, self.S, self.T * t, self.tau, self.alpha, self.groups, self.eps,
-                              scalar_decay=scalar)
+        return F.run_state_update(h, y, self.Q, self.S, step_time, self.tau, self.alpha, self.groups, self.eps,
+                                  scalar_decay=scalar)
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}, groups={self.groups}, eps={self.eps}"

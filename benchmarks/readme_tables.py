@@ -105,16 +105,38 @@ def e2e_table(path: str, impls: list[str], reference: str = "reference", memory:
     return _table(["T", *(f"`{i}`" for i in [reference, *impls])], rows)
 
 
-H200 = "h200_2026-11-27_torch2.11.0_triton3.6.0/bench_cli.json"
+def extension_runs_table(runs: list[tuple[str, str]], backends: list[str]) -> str:
+    """``benchmarks/bench_extension.py`` runs side by side: one row per case (op and shape),
+    the reference's median time in the first run, then each run's speed-up of each backend
+    against the reference measured in that run (``runs``: ``(label, JSON file)`` pairs)."""
+    loaded = []
+    for _, path in runs:
+        with open(RESULTS / path) as f:
+            loaded.append(json.load(f)["results"])
+    rows = []
+    for case, first in loaded[0].items():
+        row = [first["op"], first["shape"]["name"], f"{first['median_ms']['reference']:.2f}"]
+        for results in loaded:
+            speedups = results[case]["speedup_vs_reference"]
+            row.append(" / ".join(f"{speedups[b]:.2f}×" for b in backends))
+        rows.append(row)
+    header = ["op", "shape", "reference (ms)", *(f"{label}: {' / '.join(f'`{b}`' for b in backends)}" for label, _ in runs)]
+    return _table(header, rows)
 
-# name -> (renderer, JSON file under benchmarks/results/, renderer arguments)
+
+H200 = "h200_2026-11-27_torch2.11.0_triton3.6.0/bench_cli.json"
+CPU_OPERATING_POINT = [
+    ("2 threads", "cpu_2026-12-01/extension_operating_point_run1.json"),
+    ("2 threads, again", "cpu_2026-12-01/extension_operating_point_run2.json"),
+    ("1 thread", "cpu_2026-12-01/extension_operating_point_1thread.json"),
+]
+
+# name -> (renderer, JSON file under benchmarks/results/ or None when the arguments name the files,
+# renderer arguments)
 TABLES = {
     "h200-ops": (ops_table, H200, {"impls": ["cuda", "torch", "triton"]}),
     "h200-e2e": (e2e_table, H200, {"impls": ["fused", "fused-nockpt"]}),
-    "cpu-e2e-graph": (
-        e2e_table, "dfm_fused_bench_amd-epyc_2026-11-27_e2e.json",
-        {"impls": ["fused", "fused-nockpt"], "memory": "saved_activation_bytes"},
-    ),
+    "cpu-operating-point": (extension_runs_table, None, {"runs": CPU_OPERATING_POINT, "backends": ["torch", "cpp"]}),
 }
 
 
@@ -125,7 +147,8 @@ def render(readme: str) -> str:
         if name not in TABLES:
             raise KeyError(f"README table {name!r} has no entry in TABLES ({', '.join(TABLES)})")
         renderer, path, kwargs = TABLES[name]
-        return match.group(1) + renderer(path, **kwargs) + match.group(4)
+        table = renderer(**kwargs) if path is None else renderer(path, **kwargs)
+        return match.group(1) + table + match.group(4)
 
     return MARKER.sub(replace, readme)
 

@@ -124,7 +124,32 @@ def extension_runs_table(runs: list[tuple[str, str]], backends: list[str]) -> st
     return _table(header, rows)
 
 
+def modes_table(runs: list[str], T: int, rss_T: tuple[int, int]) -> str:
+    """``benchmarks/bench_resnet_dfm.py`` runs side by side: one row per implementation at ``T``
+    steps, its CPU time against the plain graph's (fastest repeats; each run), its graph (first
+    run: MiB, against the plain graph's, against the plain graph's at T=1) and its peak RSS
+    against the reference's at each of ``rss_T`` (each run)."""
+    loaded = []
+    for path in runs:
+        with open(RESULTS / path) as f:
+            loaded.append(json.load(f))
+    names = {"fused": "`True`", "fused-selective": '`"selective"`', "fused-nockpt": "`False`", "reference": "reference"}
+    rows = []
+    for impl, label in names.items():
+        first = loaded[0]["summary"][f"{impl}/T={T}"]
+        times = " / ".join(f"{run['summary'][f'{impl}/T={T}']['min_cpu_time_vs_plain']:.2f}×" for run in loaded)
+        peaks = ", ".join(
+            " / ".join(f"{run['summary'][f'{impl}/T={t}']['peak_vs_reference']:.2f}" for t in rss_T) for run in loaded
+        )
+        graph = loaded[0]["runs"][f"{impl}/T={T}"]["graph_bytes"] / MIB
+        rows.append([label, times, f"{graph:.2f}", f"{first['graph_vs_plain']:.2f}", f"{first['graph_vs_plain_T1']:.2f}", peaks])
+    header = [f"at T={T}", "CPU time vs plain graph (fastest repeats; each run)", "graph MiB", "graph vs plain",
+              "graph vs T=1 plain graph", f"peak RSS vs reference, T={rss_T[0]} / T={rss_T[1]} (each run)"]
+    return _table(header, rows)
+
+
 H200 = "h200_2026-11-27_torch2.11.0_triton3.6.0/bench_cli.json"
+CPU_MODES = [f"cpu_2026-12-01/resnet18_dfm_modes_1thread{suffix}.json" for suffix in ("", "_run2", "_run3")]
 CPU_OPERATING_POINT = [
     ("2 threads", "cpu_2026-12-01/extension_operating_point_run1.json"),
     ("2 threads, again", "cpu_2026-12-01/extension_operating_point_run2.json"),
@@ -137,6 +162,7 @@ TABLES = {
     "h200-ops": (ops_table, H200, {"impls": ["cuda", "torch", "triton"]}),
     "h200-e2e": (e2e_table, H200, {"impls": ["fused", "fused-nockpt"]}),
     "cpu-operating-point": (extension_runs_table, None, {"runs": CPU_OPERATING_POINT, "backends": ["torch", "cpp"]}),
+    "cpu-modes": (modes_table, None, {"runs": CPU_MODES, "T": 5, "rss_T": (4, 8)}),
 }
 
 

@@ -1,6 +1,7 @@
 """Shared test utilities: random inputs, tolerances and comparisons against the reference."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dfm_fused
@@ -42,3 +43,10 @@ def cpu_backends():
 
 def grads(out, inputs, seed_grad):
     return torch.autograd.grad(out, inputs, seed_grad, allow_unused=True)
+
+
+# Fake CUDA tensors (FakeTensorMode) stand in for a GPU in CPU tests of host-device traffic; a
+# CPU-only build of torch aborts the process when autograd meets them.
+needs_cuda_build = pytest.mark.skipif(
+    torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch (a CPU-only build aborts)"
+)

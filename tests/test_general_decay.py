@@ -9,7 +9,7 @@ from dfm_fused import functional as F
 from dfm_fused.ops.general_exp_decay import torch_backend
 
 from _feedback_segmentation import NeumannDecayStage, SegmentationStateExpDecay
-from _helpers import assert_close
+from _helpers import assert_close, needs_cuda_build
 
 
 def _inputs(C=6, shape=(2, 6, 3, 4), dtype=torch.float32, seed=0):
@@ -188,6 +188,7 @@ class _HostTransfers(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@needs_cuda_build
 @pytest.mark.parametrize("t", ["number", "device tensor"])
 def test_neumann_forward_and_backward_copy_nothing_between_host_and_device_on_fake_cuda(t):
     """CPU proxy of the sync check below: on fake CUDA tensors no host-to-device copy and no

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import dfm_fused
 from dfm_fused import reference
 
-from _helpers import TOLERANCE, assert_close, cpu_backends, decay_args, grads, rel_err
+from _helpers import TOLERANCE, assert_close, cpu_backends, decay_args, grads, needs_cuda_build, rel_err
 
 BACKENDS = cpu_backends()
 
@@ -256,6 +256,7 @@ class _HostTransfers(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@needs_cuda_build
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("scalar_decay", [False, True])
 def test_no_host_device_copy_in_forward_on_fake_cuda(backend, scalar_decay):

@@ -10,6 +10,7 @@ feedback projection plus the concat with the input.
 from __future__ import annotations
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dfm_fused import _checks
 from dfm_fused import functional as F
@@ -31,6 +32,19 @@ def _written_state(p: torch.Tensor) -> tuple:
     """What changes whenever ``p``'s values may have: its version counter (bumped by every
     in-place write, optimizer steps included) and its storage, dtype and device."""
     return (p._version, p.data_ptr(), p.dtype, p.device)
+
+
+# Optimizer steps taken so far, by any torch.optim optimizer. Fused optimizers (fused=True)
+# write parameters without moving their version counters, so a QR's mark is valid only until
+# the next optimizer step.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _capturing() -> bool:
@@ -81,7 +95,7 @@ class _DecayParameters(torch.nn.Module):
         if uniform is not None:
             self._uniform_S = (_written_state(self.S), uniform)
         if orthonormal and self.Q.dtype == dtype:
-            self._orthonormal_Q = (_written_state(self.Q), mark[1])
+            self._orthonormal_Q = (_written_state(self.Q), *mark[1:])
         return module
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -117,17 +131,21 @@ class _DecayParameters(torch.nn.Module):
         self.reorthogonalize(self.Q)
         # A QR captured into a CUDA graph is evidence only inside that capture: replays of
         # the graph change Q (its optimizer step) without moving its version counter.
-        self._orthonormal_Q = (_written_state(self.Q), _capturing())
+        self._orthonormal_Q = (_written_state(self.Q), _capturing(), _OPTIMIZER_STEPS[0])
 
     def _scalar_decay(self) -> bool:
-        """True while ``Q`` is the output of this module's own QR, unwritten since (an optimizer
-        step, ``load_state_dict`` or ``.to()`` changes its version or storage), and ``|S|`` is
-        uniform. Then ``Q^T Q = I`` to rounding and the decay is one number per step.
+        """True in training mode while ``Q`` is the output of this module's own QR, unwritten
+        since (``load_state_dict``, ``.to()`` or an in-place write changes its version or
+        storage; a ``torch.optim`` step, fused ones included, ends it too), and ``|S|`` is
+        uniform. Then ``Q^T Q = I`` to rounding and the decay is one number per step. In eval
+        mode the module did no QR of its own in this forward: the general path runs.
 
         A replayed step inside ``unroll``'s backward sees the same ``Q`` and ``S`` as its
         forward, so it decides the same. Under ``torch.compile`` the general path runs.
-        Writes through ``Q.data`` move no version counter and are not seen: write ``Q`` in
-        place under ``torch.no_grad()`` (as optimizers do) or reassign it.
+        Writes through ``Q.data`` and optimizers outside ``torch.optim`` that write memory
+        directly move no version counter and are not seen between a training forward's QR
+        and a later step of a training forward without one (every training forward starting
+        at ``t = 0`` re-orthogonalises first).
 
         CUDA graphs: a replay writes tensors without moving version counters, so a decision
         baked into a graph must hold for every replay. While capturing, only a training-mode
@@ -135,10 +153,10 @@ class _DecayParameters(torch.nn.Module):
         an eval graph always runs the general path. Outside a capture, a QR made during one
         is no evidence (the graph's replays may have changed ``Q`` since).
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.training:
             return False
         mark = getattr(self, "_orthonormal_Q", None)
-        if mark is None or mark[0] != _written_state(self.Q):
+        if mark is None or mark[0] != _written_state(self.Q) or mark[2] != _OPTIMIZER_STEPS[0]:
             return False
         capturing = _capturing()
         if mark[1] != capturing or (capturing and not self.training):

@@ -305,3 +305,25 @@ def test_module_forward_checks_each_argument_once(monkeypatch):
     checked.clear()
     dfm_fused.StateExpDecay(8, (3, 3), tau=1.0, output_map="Qinv")(torch.randn(2, 8, 3, 3), T=1)
     assert sorted(checked) == ["Q", "Qinv", "S", "x"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_scalar_decay_ends_with_an_optimizer_step_fused_ones_too(monkeypatch, fused):
+    """A fused optimizer (``fused=True``) writes Q without moving its version counter: the next
+    training step without a QR of its own (t > 0) must still take the general path and match the
+    reference. Eval never takes the scalar path (its forward does no QR)."""
+    seen = _record_scalar_decay(monkeypatch)
+    ref, module = _update_pair()
+    opt = torch.optim.Adam([module.Q], lr=1e-2, fused=fused)
+    h, y = torch.randn(2, 24, 2, 2), torch.randn(2, 24, 2, 2)
+    module(h, y, 0).square().sum().backward()
+    module.eval()
+    module(h, y, 1)
+    module.train()
+    assert seen == [True, False]
+    opt.step()
+    ref.load_state_dict(module.state_dict())
+    _check_update(ref, module, 1)
+    assert seen[-1] is False
+    _check_update(ref, module, 0)  # a new QR: the scalar path again
+    assert seen[-1] is True

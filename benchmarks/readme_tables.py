@@ -154,6 +154,7 @@ CPU_OPERATING_POINT = [
     ("2 threads", "cpu_2026-12-01/extension_operating_point_run1.json"),
     ("2 threads, again", "cpu_2026-12-01/extension_operating_point_run2.json"),
     ("1 thread", "cpu_2026-12-01/extension_operating_point_1thread.json"),
+    ("2 threads, idle", "cpu_2026-12-01/extension_operating_point_run3.json"),
 ]
 
 # name -> (renderer, JSON file under benchmarks/results/ or None when the arguments name the files,

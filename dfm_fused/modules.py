@@ -155,11 +155,7 @@ class _DecayParameters(torch.nn.Module):
         """
         if torch.compiler.is_compiling() or not self.training:
             return False
-        mark = getattr(self, "_orthonormal_Q", None)
-        if mark is None or mark[0] != _written_state(self.Q) or mark[2] != _OPTIMIZER_STEPS[0]:
-            return False
-        capturing = _capturing()
-        if mark[1] != capturing or (capturing and not self.training):
+        if getattr(self, "_orthonormal_Q", None) != (_written_state(self.Q), _capturing(), _OPTIMIZER_STEPS[0]):
             return False
         uniform = self._known_uniform_S()
         if uniform is None:

@@ -42,6 +42,18 @@ __device__ inline void block_sum2(T& a, T& b) {
   __syncthreads();
 }
 
+// GroupNorm statistics of one group from its block sums: block_sum2 of the values s and of
+// their squares ss over n values; thread 0 stores mean and rstd (biased variance) at index i.
+template <typename acc_t>
+__device__ inline void store_group_stats(double s, double ss, int64_t n, double eps, int64_t i, acc_t* mean,
+                                         acc_t* rstd) {
+  if (threadIdx.x == 0) {
+    const double m = s / n, var = fmax(ss / n - m * m, 0.0);
+    mean[i] = static_cast<acc_t>(m);
+    rstd[i] = static_cast<acc_t>(rsqrt(var + eps));
+  }
+}
+
 inline unsigned blocks_for(int64_t n, int threads) {
   return static_cast<unsigned>((n + threads - 1) / threads);
 }

@@ -68,11 +68,7 @@ __global__ void __launch_bounds__(THREADS)
     ss += v * v;
   }
   block_sum2<THREADS>(s, ss);
-  if (threadIdx.x == 0) {
-    const double m = s / n, var = fmax(ss / n - m * m, 0.0);
-    mean[blockIdx.x] = static_cast<acc_t>(m);
-    rstd[blockIdx.x] = static_cast<acc_t>(rsqrt(var + eps));
-  }
+  store_group_stats(s, ss, n, eps, blockIdx.x, mean, rstd);
 }
 
 // Softmax over channels of the normalised resize at one pixel: returns max and 1 / sum(exp).

@@ -24,11 +24,7 @@ __global__ void __launch_bounds__(STAT_THREADS)
     ss += v * v;
   }
   block_sum2<STAT_THREADS>(s, ss);
-  if (threadIdx.x == 0) {
-    const double m = s / n, var = fmax(ss / n - m * m, 0.0);
-    mean[blockIdx.x] = static_cast<acc_t>(m);
-    rstd[blockIdx.x] = static_cast<acc_t>(rsqrt(var + eps));
-  }
+  store_group_stats(s, ss, n, eps, blockIdx.x, mean, rstd);
 }
 
 // Per (b, group): c1 = rstd mean(gn), c2 = rstd^2 mean(gn n), n = (y - mean) rstd.

@@ -41,6 +41,12 @@ void check_decay_backward_args(const at::Tensor& grad, const at::Tensor& a, cons
               a.scalar_type());
 }
 
+void check_saved_M(const at::Tensor& M, const at::Tensor& Q) {
+  TORCH_CHECK(M.sizes() == Q.sizes() && M.scalar_type() == Q.scalar_type() && M.device() == Q.device(),
+              "dfm_fused: M (the forward's decay matrix) must be like Q, ", Q.sizes(), " ", Q.scalar_type(), " on ",
+              Q.device(), "; got ", M.sizes(), " ", M.scalar_type(), " on ", M.device());
+}
+
 void check_feedback_backward_args(const at::Tensor& grad, const at::Tensor& h, int64_t fb) {
   TORCH_CHECK(grad.dim() == 4 && h.dim() == 4 && grad.size(0) == h.size(0) && grad.size(1) >= fb,
               "dfm_fused: grad and h must be (B, C, H, W)");

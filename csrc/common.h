@@ -51,6 +51,8 @@ void check_decay_backward_args(const at::Tensor& grad, const at::Tensor& a, cons
                                const char* a_name);
 void check_state_update_args(const at::Tensor& h, const at::Tensor& y, const at::Tensor& Q, const at::Tensor& D,
                              int64_t groups);
+// M (state_update's kept decay matrix) is like Q: shape, dtype and device.
+void check_saved_M(const at::Tensor& M, const at::Tensor& Q);
 void check_feedback_args(const at::Tensor& x, const at::Tensor& h, int64_t offset, int64_t fb, int64_t groups);
 void check_feedback_backward_args(const at::Tensor& grad, const at::Tensor& h, int64_t fb);
 
@@ -60,14 +62,14 @@ void check_feedback_backward_args(const at::Tensor& grad, const at::Tensor& h, i
   std::tuple<at::Tensor, at::Tensor> exp_decay_backward(const at::Tensor& grad, const at::Tensor& x, \
                                                         const at::Tensor& Q, const at::Tensor& D, \
                                                         bool need_x, bool need_Q, bool scalar_decay); \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h, const at::Tensor& y, \
-                                                              const at::Tensor& Q, const at::Tensor& D, \
-                                                              int64_t groups, double eps, bool scalar_decay); \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> state_update( \
+      const at::Tensor& h, const at::Tensor& y, const at::Tensor& Q, const at::Tensor& D, int64_t groups, \
+      double eps, bool scalar_decay, bool keep_M); \
   std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad, const at::Tensor& y, \
                                                            const at::Tensor& Q, const at::Tensor& D, \
                                                            const at::Tensor& mean, const at::Tensor& rstd, \
                                                            int64_t groups, bool need_y, bool need_Q, \
-                                                           bool scalar_decay); \
+                                                           bool scalar_decay, const std::optional<at::Tensor>& M); \
   DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS()
 
 #define DFM_FUSED_DECLARE_FEEDBACK_INPUT_OPS() \

@@ -20,11 +20,13 @@ TORCH_LIBRARY(dfm_fused, m) {
       "exp_decay_backward(Tensor grad, Tensor x, Tensor Q, Tensor D, bool need_x, bool need_Q, "
       "bool scalar_decay=False) -> (Tensor, Tensor)");
   m.def(
-      "state_update(Tensor h, Tensor y, Tensor Q, Tensor D, int groups, float eps, bool scalar_decay=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "state_update(Tensor h, Tensor y, Tensor Q, Tensor D, int groups, float eps, bool scalar_decay=False, "
+      "bool keep_M=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // keep_M: also return M = Q^T diag(D) Q (else an empty tensor) for the backward to reuse, one C x C
+  // GEMM fewer there; ignored with scalar_decay.
   m.def(
       "state_update_backward(Tensor grad, Tensor y, Tensor Q, Tensor D, Tensor mean, Tensor rstd, int groups, "
-      "bool need_y, bool need_Q, bool scalar_decay=False) -> (Tensor, Tensor)");
+      "bool need_y, bool need_Q, bool scalar_decay=False, Tensor? M=None) -> (Tensor, Tensor)");
   m.def("feedback_input(Tensor x, Tensor h, int offset, int fb, int groups, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "feedback_input_backward(Tensor grad, Tensor h, Tensor mean, Tensor rstd, int offset, int fb, int groups) "

@@ -116,10 +116,12 @@ def _check_against_reference(fn, ref, inputs, dtype, what):
 # (2, 520, 23, 25): two pixel tiles per image on the CPU, the second one partial.
 # (1, 4, 1, 1), (2, 528, 2, 3) and (21, 528, 2, 2) have fewer pixels than channels: the kernels
 # skip forming M there; the last one splits into uneven groups of images (16 + 5 on the CPU).
+# (5, 24, 2, 2) has fewer pixels than channels but more than half as many, as the operating point
+# (528 channels, 512 pixels): state_update's CPU forward forms M there for its backward to reuse.
 # (3, 6, 7, 5), (2, 16, 4, 3) and (300, 16, 2, 2): images too small for wide pixel tiles, so the
 # CPU backward works on groups of images and forms A in wide GEMMs (two pixel chunks for the last).
-DECAY_SHAPES = [(1, 4, 1, 1), (3, 6, 7, 5), (2, 16, 4, 3), (300, 16, 2, 2), (2, 528, 2, 3), (21, 528, 2, 2),
-                (2, 520, 23, 25)]
+DECAY_SHAPES = [(1, 4, 1, 1), (3, 6, 7, 5), (2, 16, 4, 3), (300, 16, 2, 2), (5, 24, 2, 2), (2, 528, 2, 3),
+                (21, 528, 2, 2), (2, 520, 23, 25)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
@@ -151,7 +153,7 @@ def test_state_update(shape, dtype, layout, device):
     state_update = _ops()[2]
     y, Q, S, t, tau, alpha = _decay_case(shape, dtype, device, layout)
     h = _layout(torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype), layout).requires_grad_()
-    groups = {4: 2, 6: 3, 16: 4, 528: 8, 520: 8}[shape[1]]
+    groups = {4: 2, 6: 3, 16: 4, 24: 4, 528: 8, 520: 8}[shape[1]]
     y = (y * 3 + 0.5).detach().requires_grad_()  # GroupNorm must remove a non-zero mean and scale
     inputs = (h, y, Q, S, t, tau, alpha, groups, 1e-5)
     _check_against_reference(state_update, reference.state_update, inputs, dtype, "state_update")
@@ -294,6 +296,9 @@ def test_gradcheck_float64(device):
     h1, y1, x1 = (torch.randn(1, 6, 1, 2, **kw) for _ in range(3))
     assert torch.autograd.gradcheck(lambda h, y, Q: state_update(h, y, Q, S, t, tau, alpha, 3, 1e-5), (h1, y1, Q))
     assert torch.autograd.gradcheck(lambda x, Q: exp_decay(x, Q, S, t, tau, alpha), (x1, Q))
+    # Fewer pixels than channels but more than half as many: the CPU forward forms M and keeps it.
+    h4, y4 = (torch.randn(4, 6, 1, 1, **kw) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda h, y, Q: state_update(h, y, Q, S, t, tau, alpha, 3, 1e-5), (h4, y4, Q))
     xs = torch.randn(2, 3, 5, 4, **kw)
     hs = torch.randn(2, 7, 3, 2, **kw)
     assert torch.autograd.gradcheck(lambda x, h: feedback_input(x, h, 1, 4, 2, 1e-5), (xs, hs))
@@ -312,7 +317,12 @@ def _all_ops_once(device):
     h_thin = torch.randn(y_thin.shape, device=device, requires_grad=True)
     out, grads = _run(state_update, (h_thin, y_thin, Q_thin, S_thin, t, tau, alpha, 8, 1e-5))
     results += [out, *grads]
-    # The scalar-decay path there: grad_Q's A by groups of images.
+    # As at the operating point (528 channels, 280 pixels here): M formed in the forward and kept.
+    y_op, Q_op, S_op, *_ = _decay_case((70, 528, 2, 2), torch.float32, device, "contiguous")
+    h_op = torch.randn(y_op.shape, device=device, requires_grad=True)
+    out, grads = _run(state_update, (h_op, y_op, Q_op, S_op, t, tau, alpha, 8, 1e-5))
+    results += [out, *grads]
+    # The scalar-decay path at the thin shape: grad_Q's A by groups of images.
     out, grads = _run(lambda *a: state_update(*a, scalar_decay=True),
                       (h_thin, y_thin, Q_thin, S_thin, t, tau, alpha, 8, 1e-5))
     results += [out, *grads]
@@ -355,17 +365,31 @@ def test_opcheck_fake_and_autograd_registrations(layout, device):
     for scalar in (False, True):
         torch.library.opcheck(ops.exp_decay, (x, Q, D, scalar))
         torch.library.opcheck(ops.exp_decay_backward, (g, x.detach(), Q.detach(), D, True, True, scalar))
-        out, mean, rstd = ops.state_update(h, x, Q, D, groups, 1e-5, scalar)
-        torch.library.opcheck(ops.state_update, (h, x, Q, D, groups, 1e-5, scalar))
-        torch.library.opcheck(
-            ops.state_update_backward, (g, x.detach(), Q.detach(), D, mean, rstd, groups, True, True, scalar)
-        )
+        for keep_M in (False, True):
+            out, mean, rstd, M = ops.state_update(h, x, Q, D, groups, 1e-5, scalar, keep_M)
+            assert M.shape == ((C, C) if keep_M and not scalar else (0,))
+            torch.library.opcheck(ops.state_update, (h, x, Q, D, groups, 1e-5, scalar, keep_M))
+            torch.library.opcheck(
+                ops.state_update_backward, (g, x.detach(), Q.detach(), D, mean, rstd, groups, True, True, scalar, M)
+            )
     xs = _layout(torch.randn(2, 3, 5, 4, device=device), layout).requires_grad_()
     hs = _layout(torch.randn(2, 7, 3, 2, device=device), layout).requires_grad_()
     out, mean, rstd = ops.feedback_input(xs, hs, 1, 4, 2, 1e-5)
     torch.library.opcheck(ops.feedback_input, (xs, hs, 1, 4, 2, 1e-5))
     gs = _layout(torch.randn(out.shape, device=device), layout)
     torch.library.opcheck(ops.feedback_input_backward, (gs, hs.detach(), mean, rstd, 1, 4, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_update_backward_rejects_a_kept_M_unlike_Q(device):
+    _ops()
+    C = 6
+    y, g = torch.randn(2, C, 3, 2, device=device), torch.randn(2, C, 3, 2, device=device)
+    Q, D = torch.eye(C, device=device), torch.rand(C, device=device)
+    _, mean, rstd, M = torch.ops.dfm_fused.state_update(y, y, Q, D, 3, 1e-5, False, True)
+    for bad, what in ((M[:4, :4], r"\[4, 4\] Float"), (M.double(), r"\[6, 6\] Double")):
+        with pytest.raises(RuntimeError, match=r"M \(the forward's decay matrix\) must be like Q, \[6, 6\] Float .*; got " + what):
+            torch.ops.dfm_fused.state_update_backward(g, y, Q, D, mean, rstd, 3, True, True, False, bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

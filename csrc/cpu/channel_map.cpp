@@ -57,7 +57,7 @@ at::Tensor grad_Q_thin(const at::Tensor& Q, const at::Tensor& D, const at::Tenso
     const int64_t n = std::min(kPixelChunk, P - p0);
     A.addmm_(ac.narrow(1, p0, n), gc.narrow(1, p0, n).t());
   }
-  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
+  return at::mm(Q, A + A.t()).mul_(D.unsqueeze(1));
 }
 
 at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a) {
@@ -67,9 +67,10 @@ at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a,
                                                       const at::Tensor& g, bool need_a, bool need_Q) {
+  at::Tensor grad_a, grad_Q;
+  if (!need_a && !need_Q) return {grad_a, grad_Q};
   const at::Tensor Dc = D.unsqueeze(1), gc = columns(g);
   const at::Tensor DQg = at::mm(Q, gc).mul_(Dc);
-  at::Tensor grad_a, grad_Q;
   if (need_a) grad_a = from_columns(at::mm(Q.t(), DQg), g.size(0));
   if (need_Q) {
     const at::Tensor ac = columns(a);

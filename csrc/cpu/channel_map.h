@@ -2,7 +2,8 @@
 // M = Q^T diag(D) Q (or, with scalar_decay, the (C,) vector D) per pixel, and form grad_Q's
 // A = sum a g^T, a being x or GroupNorm(y).
 //
-// With few pixels (fewer than channels) M is not formed; see thin_forward below.
+// With few pixels (fewer than channels) M is not formed; see thin_forward below. (state_update
+// forms it all the same when the caller keeps it for the backward: keep_M.)
 //
 // scalar_decay (SPEC section 7: Q orthonormal, D uniform, so M = diag(D)): M is replaced by
 // the (C,) vector D, a per-channel scale (tile_apply), and A = sum a g^T for grad_Q is one GEMM
@@ -114,7 +115,10 @@ inline Tiling tiling_of(const at::Tensor& x) {
 // diag(D) and Q^T in turn costs 4 P C^2; backward with M also forms A = sum x g^T. So, as in
 // dfm_fused/ops/common.py, M is skipped when P < C (forward) or 6 P < 4 C (backward). That is the
 // DFM state at ImageNet scale (7x7 pixels, 520+ channels, small batches). These shapes are small,
-// so the thin path is plain GEMMs on float copies.
+// so the thin path is plain GEMMs on float copies. state_update's keep_M changes the count: an M
+// kept from the forward saves the backward a P C^2 GEMM (M g instead of Q^T (D Q g)), so forming
+// it pays for P > C/2 (ops/state_update/extension_backend.py decides; the operating point has
+// P = 512 pixels for C = 528).
 inline bool thin_forward(const Tiling& t) { return t.B * t.HW < t.C; }
 inline bool thin_backward(const Tiling& t) { return 6 * t.B * t.HW < 4 * t.C; }
 
@@ -147,7 +151,7 @@ at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor
 
 // (M g, diag(D) Q (A + A^T)) with A = sum a g^T, without M or A:
 // grad_Q = sum over pixels of (D Q a) g^T + (D Q g) a^T (reductions over P < 2C/3 pixels).
-// a, g: (B, C, P) in the math dtype, as is grad_a. Undefined where not needed.
+// a, g: (B, C, P) in the math dtype, as is grad_a (a is read only for grad_Q). Undefined where not needed.
 std::tuple<at::Tensor, at::Tensor> thin_backward_math(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a,
                                                       const at::Tensor& g, bool need_a, bool need_Q);
 

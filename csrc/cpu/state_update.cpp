@@ -113,8 +113,9 @@ void group_norm_backward(const Tiling& t, const acc_t* gn, const scalar_t* y, co
 // Scalar decay (gn = D g), NCHW: grad_y = rstd (gn - mean(gn)) - (y - mean) rstd^2 mean(gn n) per
 // (image, group), each group one contiguous run of cpg * HW elements: two passes over the run,
 // no pixel tiles (the operating point's 2x2 images make them 4 pixels wide).
-template <typename scalar_t, typename acc_t>
-void scaled_group_norm_backward(const Tiling& t, const scalar_t* g, const scalar_t* y, const acc_t* D,
+// D == nullptr: no scale (the general path, g = M grad already formed, in the math dtype g_t).
+template <typename g_t, typename scalar_t, typename acc_t>
+void scaled_group_norm_backward(const Tiling& t, const g_t* g, const scalar_t* y, const acc_t* D,
                                 const acc_t* mean, const acc_t* rstd, int64_t groups, scalar_t* grad_y) {
   const int64_t cpg = t.C / groups, run = cpg * t.HW;
   at::parallel_for(0, t.B * groups, 1, [&](int64_t i0, int64_t i1) {
@@ -123,8 +124,8 @@ void scaled_group_norm_backward(const Tiling& t, const scalar_t* g, const scalar
       const acc_t m = mean[i], r = rstd[i];
       double s1 = 0, s2 = 0;
       for (int64_t c = 0; c < cpg; ++c) {
-        const acc_t d = D[c0 + c];
-        const scalar_t* gs = g + base + c * t.HW;
+        const acc_t d = D ? D[c0 + c] : acc_t(1);
+        const g_t* gs = g + base + c * t.HW;
         const scalar_t* ys = y + base + c * t.HW;
 #pragma omp simd reduction(+ : s1, s2)
         for (int64_t p = 0; p < t.HW; ++p) {
@@ -135,7 +136,7 @@ void scaled_group_norm_backward(const Tiling& t, const scalar_t* g, const scalar
       }
       const acc_t k1 = static_cast<acc_t>(r * s1 / run), k2 = static_cast<acc_t>(static_cast<double>(r) * r * s2 / run);
       for (int64_t c = 0; c < cpg; ++c) {
-        const acc_t dr = D[c0 + c] * r;
+        const acc_t dr = (D ? D[c0 + c] : acc_t(1)) * r;
         const int64_t o = base + c * t.HW;
 #pragma omp simd
         for (int64_t p = 0; p < t.HW; ++p) {
@@ -163,11 +164,32 @@ at::Tensor normalized_columns(const at::Tensor& y3, const at::Tensor& mean, cons
   return cols.view({C, -1});
 }
 
+// grad_y of GroupNorm for the incoming gn = M grad ((B, C, P), math dtype): the run-wise kernel for
+// NCHW y, ATen's for channels_last (y3: y as (B, C, P) in the math dtype).
+at::Tensor group_norm_backward_of(const Tiling& t, const at::Tensor& gn, const at::Tensor& y, const at::Tensor& y3,
+                                  const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, at::Tensor grad_y) {
+  if (t.cl) {
+    const auto gy = at::native_group_norm_backward(gn.view(y.sizes()), y3.view(y.sizes()), mean, rstd, std::nullopt,
+                                                   t.B, t.C, t.HW, groups, {true, false, false});
+    grad_y.copy_(std::get<0>(gy));
+    return grad_y;
+  }
+  const at::Tensor g = gn.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_group_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scaled_group_norm_backward(t, g.const_data_ptr<acc_t>(), y.const_data_ptr<scalar_t>(),
+                               static_cast<const acc_t*>(nullptr), mean.const_data_ptr<acc_t>(),
+                               rstd.const_data_ptr<acc_t>(), groups, grad_y.mutable_data_ptr<scalar_t>());
+  });
+  return grad_y;
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
-                                                            const at::Tensor& Q, const at::Tensor& D, int64_t groups,
-                                                            double eps, bool scalar_decay) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
+                                                                        const at::Tensor& Q, const at::Tensor& D,
+                                                                        int64_t groups, double eps, bool scalar_decay,
+                                                                        bool keep_M) {
   DFM_FUSED_NO_AUTOCAST();
   check_state_update_args(h_, y_, Q, D, groups);
   const auto fmt = layout_of(h_);
@@ -175,15 +197,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
   const Tiling t = tiling_of(h);
   at::Tensor out = empty_output(h.sizes(), h.options(), fmt);
   at::Tensor mean = empty_output({t.B, groups}, Q.options()), rstd = empty_output({t.B, groups}, Q.options());
-  if (h.numel() == 0) return {out, mean, rstd};
+  keep_M = keep_M && !scalar_decay;
+  const at::Tensor no_M = at::empty({0}, Q.options());
+  if (h.numel() == 0) return {out, mean, rstd, keep_M ? decay_matrix(Q, D) : no_M};
+  // Few pixels: whole-matrix GEMMs over the pixels as columns; M itself only when the backward keeps it.
   const bool thin = !scalar_decay && thin_forward(t);
-  const at::Tensor M = thin ? at::Tensor() : (scalar_decay ? D.contiguous() : decay_matrix(Q, D));
+  const at::Tensor M = scalar_decay ? D.contiguous() : (thin && !keep_M ? at::Tensor() : decay_matrix(Q, D));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dfm_fused_state_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     group_stats(t, y.const_data_ptr<scalar_t>(), groups, eps, mean.mutable_data_ptr<acc_t>(),
                 rstd.mutable_data_ptr<acc_t>());
     if (thin) {
-      const at::Tensor update = thin_apply(Q, D, thin_normalize(as_bcp(y, Q.scalar_type()), mean, rstd, groups));
+      const at::Tensor y3 = as_bcp(y, Q.scalar_type());
+      if (keep_M && !t.cl && h.scalar_type() == Q.scalar_type()) {  // out = h + (M a) read from its columns
+        const at::Tensor Ma = at::mm(M, normalized_columns(y3, mean, rstd, groups)).view({t.C, t.B, t.HW});
+        at::Tensor out3 = out.view({t.B, t.C, t.HW});
+        at::add_out(out3, h.view({t.B, t.C, t.HW}), Ma.transpose(0, 1));
+        return;
+      }
+      const at::Tensor update = keep_M ? from_columns(at::mm(M, normalized_columns(y3, mean, rstd, groups)), t.B)
+                                       : thin_apply(Q, D, thin_normalize(y3, mean, rstd, groups));
       out.copy_((as_bcp(h, Q.scalar_type()) + update).view(h.sizes()));
       return;
     }
@@ -193,16 +226,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
                                         h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
     });
   });
-  return {out, mean, rstd};
+  return {out, mean, rstd, keep_M ? M : no_M};
 }
 
 std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_, const at::Tensor& y_,
                                                          const at::Tensor& Q, const at::Tensor& D,
                                                          const at::Tensor& mean_, const at::Tensor& rstd_,
                                                          int64_t groups, bool need_y, bool need_Q,
-                                                         bool scalar_decay) {
+                                                         bool scalar_decay, const std::optional<at::Tensor>& M_) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_backward_args(grad_, y_, Q, D, "y");
+  // M as the forward formed it (keep_M), or an empty tensor: recomputed from Q and D where needed.
+  const at::Tensor saved_M = !scalar_decay && M_.has_value() && M_->numel() > 0 ? M_->contiguous() : at::Tensor();
+  if (saved_M.defined()) check_saved_M(saved_M, Q);
   const auto fmt = layout_of(grad_);
   const at::Tensor grad = grad_.contiguous(fmt), y = y_.contiguous(fmt);
   const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
@@ -214,21 +250,21 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
     return {grad_y, grad_Q};
   }
   // Small images: A in wide GEMMs, M g by groups of images, as in exp_decay_backward.
+  at::Tensor gc;  // grad as (C, B * P) columns, made once for the GEMMs that take it
   if (need_Q && thin_tiles(t) && (scalar_decay || !thin_backward(t))) {
-    grad_Q = grad_Q_thin(Q, D, normalized_columns(as_bcp(y, Q.scalar_type()), mean, rstd, groups),
-                         columns(as_bcp(grad, Q.scalar_type())));
+    gc = columns(as_bcp(grad, Q.scalar_type()));
+    grad_Q = grad_Q_thin(Q, D, normalized_columns(as_bcp(y, Q.scalar_type()), mean, rstd, groups), gc);
     need_Q = false;
     if (!need_y) return {grad_y, grad_Q};
   }
   if (!scalar_decay && (thin_backward(t) || thin_tiles(t))) {
     const at::Tensor y3 = as_bcp(y, Q.scalar_type());  // converted once, for GroupNorm and its backward
-    auto [gn, gQ] = thin_backward_math(Q, D, thin_normalize(y3, mean, rstd, groups), as_bcp(grad, Q.scalar_type()),
-                                       need_y, need_Q);
-    if (need_y) {
-      const auto gy = at::native_group_norm_backward(gn.view(y.sizes()), y3.view(y.sizes()), mean, rstd, std::nullopt,
-                                                     t.B, t.C, t.HW, groups, {true, false, false});
-      grad_y.copy_(std::get<0>(gy));
-    }
+    const at::Tensor g3 = as_bcp(grad, Q.scalar_type());
+    // M g: one GEMM with the kept M, else Q^T (D Q g) in two.
+    auto [gn, gQ] = thin_backward_math(Q, D, need_Q ? thin_normalize(y3, mean, rstd, groups) : at::Tensor(), g3,
+                                       need_y && !saved_M.defined(), need_Q);
+    if (need_y && saved_M.defined()) gn = from_columns(at::mm(saved_M, gc.defined() ? gc : columns(g3)), t.B);
+    if (need_y) grad_y = group_norm_backward_of(t, gn, y, y3, mean, rstd, groups, grad_y);
     if (need_Q) grad_Q = gQ;
     return {grad_y, grad_Q};
   }
@@ -247,7 +283,10 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
   // M g is kept in float until the GroupNorm backward reads it; for float32/64 it lives in grad_y.
   const bool in_place = y.scalar_type() == Q.scalar_type();
   at::Tensor gn = need_y ? (in_place ? grad_y : at::empty(y.sizes(), Q.options().memory_format(fmt))) : at::Tensor();
-  const at::Tensor M = need_y ? (scalar_decay ? D.contiguous() : decay_matrix(Q, D)) : at::Tensor();
+  const at::Tensor M = !need_y ? at::Tensor()
+                       : scalar_decay ? D.contiguous()
+                       : saved_M.defined() ? saved_M
+                                           : decay_matrix(Q, D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_state_update_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_layout(t.cl, [&](auto cl) {

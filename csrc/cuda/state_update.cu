@@ -59,9 +59,10 @@ __global__ void group_norm_backward_kernel(const acc_t* __restrict__ gn, const s
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
-                                                            const at::Tensor& Q, const at::Tensor& D, int64_t groups,
-                                                            double eps, bool scalar_decay) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_, const at::Tensor& y_,
+                                                                        const at::Tensor& Q, const at::Tensor& D,
+                                                                        int64_t groups, double eps, bool scalar_decay,
+                                                                        bool keep_M) {
   DFM_FUSED_NO_AUTOCAST();
   check_state_update_args(h_, y_, Q, D, groups);
   const c10::cuda::CUDAGuard guard(h_.device());
@@ -69,8 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
   const int64_t B = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   at::Tensor out = empty_output(h.sizes(), h.options());
   at::Tensor mean = empty_output({B, groups}, Q.options()), rstd = empty_output({B, groups}, Q.options());
-  if (h.numel() == 0) return {to_layout(out, layout_of(h_)), mean, rstd};
   const at::Tensor M = channel_map(Q, D, scalar_decay);
+  // The forward forms M anyway: kept for the backward when asked (never the scalar path's D).
+  const at::Tensor kept = keep_M && !scalar_decay ? M : at::empty({0}, Q.options());
+  if (h.numel() == 0) return {to_layout(out, layout_of(h_)), mean, rstd, kept};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "dfm_fused_state_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     group_stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * groups), STAT_THREADS, 0,
@@ -80,16 +83,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> state_update(const at::Tensor& h_
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_matmul<scalar_t, scalar_t, true, true>(M, y, mean, rstd, groups, h, out);
   });
-  return {to_layout(out, layout_of(h_)), mean, rstd};
+  return {to_layout(out, layout_of(h_)), mean, rstd, kept};
 }
 
 std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_, const at::Tensor& y_,
                                                          const at::Tensor& Q, const at::Tensor& D,
                                                          const at::Tensor& mean_, const at::Tensor& rstd_,
                                                          int64_t groups, bool need_y, bool need_Q,
-                                                         bool scalar_decay) {
+                                                         bool scalar_decay, const std::optional<at::Tensor>& M) {
   DFM_FUSED_NO_AUTOCAST();
   check_decay_backward_args(grad_, y_, Q, D, "y");
+  const bool saved = !scalar_decay && M.has_value() && M->numel() > 0;
+  if (saved) check_saved_M(*M, Q);
   const c10::cuda::CUDAGuard guard(y_.device());
   const at::Tensor grad = grad_.contiguous(), y = y_.contiguous();
   const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
@@ -106,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor> state_update_backward(const at::Tensor& grad_
     auto stream = c10::cuda::getCurrentCUDAStream();
     if (need_y) {
       at::Tensor gn = at::empty(y.sizes(), Q.options());
-      launch_matmul<scalar_t, acc_t, false, false>(channel_map(Q, D, scalar_decay), grad, at::Tensor(),
-                                                   at::Tensor(), 1, at::Tensor(), gn);
+      const at::Tensor map = saved ? M->contiguous() : channel_map(Q, D, scalar_decay);
+      launch_matmul<scalar_t, acc_t, false, false>(map, grad, at::Tensor(), at::Tensor(), 1, at::Tensor(), gn);
       at::Tensor c1 = at::empty({B, groups}, Q.options()), c2 = at::empty({B, groups}, Q.options());
       group_grad_sums_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * groups), STAT_THREADS, 0, stream>>>(
           gn.const_data_ptr<acc_t>(), y.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),

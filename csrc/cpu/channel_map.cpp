@@ -4,6 +4,9 @@
 
 #include <ATen/Dispatch.h>
 
+#include <utility>
+#include <vector>
+
 namespace dfm_fused::cpu {
 namespace {
 
@@ -28,6 +31,40 @@ at::Tensor sum_chunks(const at::Tensor& parts) {
   return A;
 }
 
+// A + A^T in place (A: n x n, contiguous): each entry above the diagonal and its mirror get their
+// sum, the diagonal twice itself (the same float additions as A + A.t(), without a transposed
+// read into a new n x n buffer). Work is split by pairs of 32 x 32 blocks, each pair one task.
+template <typename scalar_t>
+void symmetrize(scalar_t* a, int64_t n) {
+  constexpr int64_t kBlock = 32;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t bi = 0; bi < blocks; ++bi)
+    for (int64_t bj = bi; bj < blocks; ++bj) pairs.emplace_back(bi, bj);
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const auto [bi, bj] = pairs[k];
+      const int64_t i1 = std::min(n, (bi + 1) * kBlock), j1 = std::min(n, (bj + 1) * kBlock);
+      for (int64_t i = bi * kBlock; i < i1; ++i) {
+        for (int64_t j = bi == bj ? i : bj * kBlock; j < j1; ++j) {
+          const scalar_t sum = a[i * n + j] + a[j * n + i];
+          a[i * n + j] = sum;
+          a[j * n + i] = sum;
+        }
+      }
+    }
+  });
+}
+
+// diag(D) Q (A + A^T), A consumed (symmetrised in place).
+at::Tensor grad_Q_of_A(at::Tensor A, const at::Tensor& Q, const at::Tensor& D) {
+  A = A.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dfm_fused_symmetrize", [&] {
+    symmetrize(A.mutable_data_ptr<scalar_t>(), A.size(0));
+  });
+  return at::mm(Q, A).mul_(D.unsqueeze(1));
+}
+
 }  // namespace
 
 at::Tensor decay_matrix(const at::Tensor& Q, const at::Tensor& D) {
@@ -36,8 +73,7 @@ at::Tensor decay_matrix(const at::Tensor& Q, const at::Tensor& D) {
 
 // grad_Q = diag(D) Q (A + A^T) from per-chunk partials of A.
 at::Tensor grad_Q_from_parts(const at::Tensor& parts, const at::Tensor& Q, const at::Tensor& D) {
-  const at::Tensor A = sum_chunks(parts);
-  return (D.unsqueeze(1) * at::mm(Q, A + A.t())).contiguous();
+  return grad_Q_of_A(sum_chunks(parts), Q, D);
 }
 
 at::Tensor as_bcp(const at::Tensor& x, at::ScalarType acc) {
@@ -57,7 +93,7 @@ at::Tensor grad_Q_thin(const at::Tensor& Q, const at::Tensor& D, const at::Tenso
     const int64_t n = std::min(kPixelChunk, P - p0);
     A.addmm_(ac.narrow(1, p0, n), gc.narrow(1, p0, n).t());
   }
-  return at::mm(Q, A + A.t()).mul_(D.unsqueeze(1));
+  return grad_Q_of_A(std::move(A), Q, D);
 }
 
 at::Tensor thin_apply(const at::Tensor& Q, const at::Tensor& D, const at::Tensor& a) {

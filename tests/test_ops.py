@@ -104,6 +104,12 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(
         lambda h, y, Q: dfm_fused.state_update(h, y, Q, S, 1.0, 0.5, 1.0, 3, 1e-5, backend=backend), (h, x, Q)
     )
+    # Fewer pixels than channels but more than half as many (as at the operating point): M is
+    # formed in the forward and kept for the backward.
+    h4, y4 = (torch.randn(2, C, 1, 2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(
+        lambda h, y, Q: dfm_fused.state_update(h, y, Q, S, 1.0, 0.5, 1.0, 3, 1e-5, backend=backend), (h4, y4, Q)
+    )
     assert torch.autograd.gradcheck(
         lambda xf, h: dfm_fused.feedback_input(xf, h, 2, 4, 2, 1e-5, backend=backend), (xf, h)
     )

@@ -14,6 +14,13 @@ Prints a table and writes JSON to ``benchmarks/results/extension_<device>_<cpu o
 
 Usage: PYTHONPATH=. python benchmarks/bench_extension.py [--device cpu|cuda] [--repeat 15] [--threads N]
        [--compile] [--out PATH]
+
+On the CPU, glibc's malloc gives blocks above its mmap threshold back to the system when they are
+freed, so a large output (``feedback_input``'s is 10 MiB at the operating point) can be
+page-faulted in afresh on every call: about 2 ms on this machine, added to every implementation
+alike in some runs and not others. ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296``
+in the environment keeps such blocks in the heap; the JSON records the ``MALLOC_*`` variables a
+run had (``malloc_env``; empty: glibc's defaults).
 """
 from __future__ import annotations
 
@@ -111,6 +118,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,  # 1, 5, 15 minutes; the machine is shared
         "load_average_after": os.getloadavg(),
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "torch": torch.__version__,
         "build": _extension.build_info(),
         "repeat": args.repeat,

@@ -151,10 +151,10 @@ def modes_table(runs: list[str], T: int, rss_T: tuple[int, int]) -> str:
 H200 = "h200_2026-11-27_torch2.11.0_triton3.6.0/bench_cli.json"
 CPU_MODES = [f"cpu_2026-12-01/resnet18_dfm_modes_1thread{suffix}.json" for suffix in ("", "_run2", "_run3")]
 CPU_OPERATING_POINT = [
-    ("2 threads", "cpu_2026-12-01/extension_operating_point_run1.json"),
-    ("2 threads, again", "cpu_2026-12-01/extension_operating_point_run2.json"),
-    ("1 thread", "cpu_2026-12-01/extension_operating_point_1thread.json"),
-    ("2 threads, idle", "cpu_2026-12-01/extension_operating_point_run3.json"),
+    ("2 threads", "cpu_2026-12-01/extension_operating_point_run4.json"),
+    ("1 thread", "cpu_2026-12-01/extension_operating_point_1thread_run2.json"),
+    ("2 threads, steady malloc", "cpu_2026-12-01/extension_operating_point_run5_steady_malloc.json"),
+    ("1 thread, steady malloc", "cpu_2026-12-01/extension_operating_point_1thread_steady_malloc.json"),
 ]
 
 # name -> (renderer, JSON file under benchmarks/results/ or None when the arguments name the files,

@@ -149,7 +149,8 @@ def modes_table(runs: list[str], T: int, rss_T: tuple[int, int]) -> str:
 
 
 H200 = "h200_2026-11-27_torch2.11.0_triton3.6.0/bench_cli.json"
-CPU_MODES = [f"cpu_2026-12-01/resnet18_dfm_modes_1thread{suffix}.json" for suffix in ("", "_run2", "_run3")]
+CPU_MODES = [f"cpu_2026-12-01/resnet18_dfm_modes_1thread{suffix}.json"
+             for suffix in ("_run4", "_run5_steady_malloc", "_run6_steady_malloc")]
 CPU_OPERATING_POINT = [
     ("2 threads", "cpu_2026-12-01/extension_operating_point_run4.json"),
     ("1 thread", "cpu_2026-12-01/extension_operating_point_1thread_run2.json"),

@@ -14,6 +14,7 @@ import torch
 
 from dfm_fused._extension import memory_format_of
 from dfm_fused.ops._decay import compute_dtype, decay_vector
+from dfm_fused.ops.state_update.torch_backend import keeps_M
 
 
 @torch.library.register_fake("dfm_fused::state_update")
@@ -54,15 +55,14 @@ torch.library.register_autograd("dfm_fused::state_update", _backward, setup_cont
 
 
 def _keeps_M(y: torch.Tensor, scalar_decay: bool) -> bool:
-    """Whether the forward returns ``M`` for the backward: ``y`` will get a gradient (``M grad``)
-    and keeping ``M`` (``C x C`` values, whatever the batch) saves GEMM work overall. On CUDA the
-    forward forms ``M`` anyway. On the CPU, with ``N = B*H*W`` pixels, forming it costs ``C^3``
-    against ``2 C^2 N`` for applying ``Q`` and ``Q^T`` directly, and keeping it saves one ``C^2 N``
-    GEMM in backward: it pays for ``C < 2N`` (the operating point: C=528, N=512)."""
-    if scalar_decay or not (torch.is_grad_enabled() and y.requires_grad):
-        return False
-    B, C, H, W = y.shape
-    return y.device.type != "cpu" or C < 2 * B * H * W
+    """Whether the forward returns ``M`` for the backward: on the CPU by the torch backend's flop
+    count (:func:`~dfm_fused.ops.state_update.torch_backend.keeps_M`: ``y`` gets a gradient and
+    the pixels outnumber ``C/2``); on CUDA whenever ``y`` gets a gradient, since the forward
+    forms ``M`` anyway."""
+    needs_grad_y = torch.is_grad_enabled() and y.requires_grad
+    if y.device.type == "cpu":
+        return keeps_M(y, needs_grad_y, scalar_decay)
+    return needs_grad_y and not scalar_decay
 
 
 def state_update(h, y, Q, S, t, tau, alpha, groups, eps=1e-5, scalar_decay=False):

@@ -13,7 +13,7 @@
 #   GPU_CHECK_SECTIONS  space-separated sections to run (default: all, in the order below):
 #                       environment build triton_tests triton_half_precision triton_tests_large
 #                       cuda_tests sync_tests capture_tests bench_cli bench_extension bench_triton_ops
-#                       bench_graphed graphed_busy
+#                       bench_graphed graphed_busy bench_modes_float32 bench_modes_bfloat16
 #                       `build` is skipped by leaving it out, e.g. to reuse an extension built by
 #                       an earlier run against the same torch (carried as dfm_fused/_C*.so).
 #   GPU_CHECK_COMPILE   1: the CLI benchmarks also time torch.compile of the reference (slow: one
@@ -35,7 +35,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 FAILED=0
 : > "$OUT/summary.txt"
-SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_half_precision triton_tests_large cuda_tests sync_tests capture_tests bench_cli bench_extension bench_triton_ops bench_graphed graphed_busy} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-environment build triton_tests triton_half_precision triton_tests_large cuda_tests sync_tests capture_tests bench_cli bench_extension bench_triton_ops bench_graphed graphed_busy bench_modes_float32 bench_modes_bfloat16} "
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-430} ))
 read -r -a PYTEST_EXTRA <<< "${GPU_CHECK_PYTEST:-}"
 read -r -a CLI_EXTRA <<< "${GPU_CHECK_CLI:-}"
@@ -169,6 +169,13 @@ run_section bench_graphed 150 "$PY" -m dfm_fused.bench --device cuda --budget 0.
     --e2e-impls "$GRAPHED_IMPLS" --json "$OUT/bench_graphed.json" --png "$OUT/bench_graphed.png"
 # The fraction of each iteration's wall time the GPU is busy (torch.profiler), same settings.
 run_section graphed_busy 60 "$PY" -m dfm_fused.bench.e2e --impls reference,fused,graphed --out "$OUT/graphed_busy.json"
+# Issue 15's GPU targets: the three unroll modes (fused = True, fused-selective, fused-nockpt = the
+# plain graph) and the reference, ResNet18-DFM B=64 224x224, T = 1, 5, 8, interleaved in one process:
+# time against the plain graph, graph bytes, max_memory_allocated; float32 and bfloat16 autocast.
+for dtype in float32 bfloat16; do
+    run_section "bench_modes_$dtype" 90 "$PY" benchmarks/bench_resnet_dfm.py --device cuda --batch 64 --size 224 \
+        --T 1 5 8 --repeats 7 --dtype "$dtype" --out "$OUT/resnet18_dfm_modes_$dtype.json"
+done
 
 echo
 cat "$OUT/summary.txt"

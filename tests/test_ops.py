@@ -115,6 +115,36 @@ def test_gradcheck_float64(backend):
     )
 
 
+def _gemm_calls(fn) -> int:
+    """BLAS calls (aten::mm/addmm/bmm, at any depth) in ``fn()``, counted by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm") for e in prof.events())
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_state_update_keeps_M_for_its_backward(backend):
+    """With fewer pixels than channels but more than half as many (as at the operating point,
+    C=528 for 512 pixels), the forward forms M and keeps it: five GEMMs in forward + backward
+    (M, M·GN(y); M·g, A, Q(A + A^T)) against the reference's six, with equal gradients (checked
+    at such shapes by test_state_update_matches_reference and test_gradcheck_float64). Without a
+    gradient for y, M is not needed in backward and not formed."""
+    B, C = 5, 24
+    Q, S = decay_args(C)
+    Q.requires_grad_()
+    h, y = (torch.randn(B, C, 2, 2, requires_grad=True) for _ in range(2))
+
+    def run(fn, y, inputs):
+        out = fn(h, y, Q, S, 2.0, 0.9, 0.8, 4)
+        torch.autograd.grad(out, inputs, torch.randn_like(out))
+
+    ours = lambda *a: dfm_fused.state_update(*a, backend=backend)  # noqa: E731
+    assert _gemm_calls(lambda: run(reference.state_update, y, (h, y, Q))) == 6
+    assert _gemm_calls(lambda: run(ours, y, (h, y, Q))) == 5
+    # y without a gradient: Q, D, Q^T applied in turn in forward (2), A and Q(A + A^T) in backward (2).
+    assert _gemm_calls(lambda: run(ours, y.detach(), (h, Q))) == 4
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_ops_accept_tensor_scalars_and_large_t(backend):
     """t, tau, alpha as 0-d tensors (as the modules pass them); huge t decays to exactly M = 0."""

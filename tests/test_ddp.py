@@ -2,7 +2,9 @@
 with the same parameters as one process training on the whole batch."""
 from __future__ import annotations
 
+import datetime
 import socket
+import time
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ import dfm_fused
 from _helpers import assert_close
 
 STEPS, T, BATCH, LR = 3, 3, 4, 0.05
+# A process group that stalls (a rank lost, the store's host gone first) fails within this many
+# seconds instead of hanging the suite; the whole spawn gets three times as long.
+TIMEOUT_S = 60
 
 
 def _model() -> dfm_fused.FeedbackModel:
@@ -48,7 +53,8 @@ def _train(model, x, y, h0, rows):
 
 def _worker(rank, world, port, path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -56,6 +62,9 @@ def _worker(rank, world, port, path):
         _train(ddp, *_data(), rows)
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+        # Rank 0 hosts the TCP store: no rank tears the group down while another still uses it
+        # (a rank left alone in destroy_process_group once hung a torch 2.13 run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +78,14 @@ def _free_port() -> int:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed")
 def test_ddp_two_processes_match_one_process(tmp_path):
     path = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    workers = mp.spawn(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 3 * TIMEOUT_S
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the two DDP workers did not finish within {3 * TIMEOUT_S} s (exit codes "
+                        f"{[process.exitcode for process in workers.processes]})")
     distributed = torch.load(path, weights_only=True)
     model = _model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}

@@ -3,8 +3,8 @@
 Forward + backward, every implementation timed in the same process, interleaved (one run of
 each in turn, ``--repeat`` rounds after warm-up), median per implementation:
 
-- ``StateUpdate``: the module in training after its QR at t=0 (the scalar-decay path, SPEC
-  section 7; gradients for h, y and Q) against the reference's ``h + StateExpDecay(GroupNorm(y), t)``;
+- ``StateUpdate``: the module in training after its QR at t=0 (the scalar-decay path,
+  docs/design.md 'Scalar decay'; gradients for h, y and Q) against the reference's ``h + StateExpDecay(GroupNorm(y), t)``;
 - ``state_update`` (the general path) and ``feedback_input``;
 
 at the operating point (B=128, 528x2x2 state, ``feedback_input`` 16x16 from 2x2), at B=8,

@@ -11,9 +11,9 @@ process CPU time, which a shared machine disturbs less), so that load changes hi
 Graph memory: the bytes the forward allocates and leaves alive for backward
 (:func:`dfm_fused.bench.memory.forward_live_bytes`). Peak memory: on the CPU the peak resident
 set size of one training step in a subprocess (:func:`dfm_fused.bench.measure.peak_rss`) at
-``--rss-T``; on CUDA ``max_memory_allocated``. The summary gives the issue-15 ratios: time
-against the plain graph, graph against the plain graph and against its T=1 graph, peak
-against the reference.
+``--rss-T``; on CUDA ``max_memory_allocated``. The summary gives the ratios that the
+memory-saving targets of docs/design.md ('Targets') use: time against the plain graph, graph
+against the plain graph and against its T=1 graph, peak against the reference.
 
     python benchmarks/bench_resnet_dfm.py --out benchmarks/results/cpu_<date>/resnet18_dfm_modes.json
     python benchmarks/bench_resnet_dfm.py --device cuda --batch 64 --size 224 --T 1 5 8 --dtype bfloat16

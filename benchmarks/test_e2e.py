@@ -1,6 +1,6 @@
 """End to end: a DFM training step at several T, reference vs dfm_fused in the three unroll modes
 (``fused``: checkpoint=True, ``fused-selective``, ``fused-nockpt``);
-and issue 14's settings (training B=128 64x64 T=5, inference B=8 T=8, training 224x224 B=64 T=5) with
+and the end-to-end settings of docs/design.md, 'Targets' (training B=128 64x64 T=5, inference B=8 T=8, training 224x224 B=64 T=5) with
 ``reference-compiled`` and the whole iteration as one CUDA graph (``graphed``)."""
 from conftest import DEVICE, run_benchmark
 

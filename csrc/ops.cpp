@@ -13,7 +13,7 @@
 #include "common.h"
 
 TORCH_LIBRARY(dfm_fused, m) {
-  // scalar_decay: Q is orthonormal and D uniform (SPEC section 7), so M = diag(D): a per-channel
+  // scalar_decay: Q is orthonormal and D uniform (docs/design.md 'Scalar decay'), so M = diag(D): a per-channel
   // scale instead of a C x C product; grad_Q keeps the general closed form diag(D) Q (A + A^T).
   m.def("exp_decay(Tensor x, Tensor Q, Tensor D, bool scalar_decay=False) -> Tensor");
   m.def(

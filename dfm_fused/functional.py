@@ -1,4 +1,4 @@
-"""The fused DFM operations (SPEC section 3), dispatched to the fastest backend.
+"""The fused DFM operations (docs/design.md, 'The op contract'), dispatched to the fastest backend.
 
 All ops take ordinary tensors in float16, bfloat16, float32 or float64 (state
 math and reductions run in float32, or float64 for float64 inputs), any batch
@@ -36,7 +36,7 @@ def exp_decay(x, Q, S, t, tau, alpha, *, scalar_decay: bool = False, backend: st
     Returns:
         ``(B, C, H, W)`` in ``x``'s dtype.
 
-    With ``scalar_decay=True`` the op uses ``M = d I``, ``d = exp(t * Delta)`` (SPEC section 7):
+    With ``scalar_decay=True`` the op uses ``M = d I``, ``d = exp(t * Delta)`` (docs/design.md, 'Scalar decay'):
     ``out = d x`` with no C x C product, while ``grad_Q`` is still ``diag(D) Q (A + A^T)``,
     ``A = sum x g^T``, the gradient of the general form at that ``Q``. Only the module that
     re-orthogonalised ``Q`` itself can make the promise (:class:`dfm_fused.StateExpDecay`

@@ -1,4 +1,4 @@
-"""Pure-PyTorch transcription of the reference DFM semantics (SPEC section 2).
+"""Pure-PyTorch transcription of the reference DFM semantics (docs/design.md, 'Reference semantics').
 
 This module is the correctness oracle for every backend. It is deliberately
 literal: the same permutes, the same two ``linear`` calls and the same

@@ -128,14 +128,14 @@ run_section cuda_tests 90 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_exte
     -rfEs -p no:cacheprovider "${XDIST[@]}" -k "cuda or thread_count" --junitxml="$OUT/cuda_tests.xml" \
     "${PYTEST_EXTRA[@]}"
 
-# ---------------------------------------------------------------- no host sync (issue 13)
+# ---------------------------------------------------------------- no host sync (docs/design.md, 'Targets')
 # Every op on every CUDA backend (triton, cuda, torch, reference), general and scalar-decay path,
 # forward and backward under torch.cuda.set_sync_debug_mode("error") at the operating point's
 # shapes, results against the reference.
 run_section sync_tests 60 env DFM_FUSED_POISON=1 "$PY" -m pytest tests/test_hardening.py -q -rfEs \
     -p no:cacheprovider -k "sync_with_the_host" --junitxml="$OUT/sync_tests.xml" "${PYTEST_EXTRA[@]}"
 
-# ---------------------------------------------------------------- CUDA graph capture (issue 14)
+# ---------------------------------------------------------------- CUDA graph capture (docs/design.md, 'Targets')
 # The captured training step against eager (SGD and Adam, memory saving on and off, BatchNorm
 # statistics, dropout masks, accumulation, autocast), the errors, and captured inference (fixed T,
 # early stop) against eager and the reference.
@@ -146,8 +146,8 @@ run_section capture_tests 120 "$PY" -m pytest tests/test_capture.py -q -rfEs -p 
 # The main job's CLI: every op and backend against the reference (forward, forward + backward,
 # the operating point (B=128, 528x2x2; StateUpdate: the module's scalar-decay path), ResNet18 and
 # segmentation shapes, float32 and bfloat16, floor fractions, device time and launch counts) and the ResNet18 DFM
-# training step (B=64, 224x224) at T = 1, 4, 5, 8 with memory saving on and off (T = 5: issue 7's
-# target).
+# training step (B=64, 224x224) at T = 1, 4, 5, 8 with memory saving on and off (T = 5: a
+# memory-saving target of docs/design.md, 'Targets').
 CLI_IMPLS=(--impls reference,torch,triton,cuda)
 if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then CLI_IMPLS=(); fi
 # An interrupted run (time limit) still writes the cases it measured.
@@ -160,8 +160,8 @@ run_section bench_extension 40 "$PY" benchmarks/bench_extension.py --device cuda
 # pytest-benchmark: Triton against the reference and torch.compile of it, large shapes.
 run_section bench_triton_ops 150 "$PY" -m pytest benchmarks/bench_triton_ops.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_triton_ops.json" --benchmark-columns=min,median,max
-# Issue 14's end-to-end settings (ResNet18-DFM fb=16, 200 classes, float32: train B=128 64x64 T=5,
-# eval B=8 64x64 T=8, train B=64 224x224 T=5), interleaved in one process, with the whole iteration
+# The end-to-end target settings of docs/design.md, 'Targets' (ResNet18-DFM fb=16, 200 classes,
+# float32: train B=128 64x64 T=5, eval B=8 64x64 T=8, train B=64 224x224 T=5), interleaved in one process, with the whole iteration
 # as one CUDA graph (graphed); reference-compiled only with GPU_CHECK_COMPILE=1 (compiles are slow).
 GRAPHED_IMPLS=reference,fused,fused-nockpt,graphed
 if [ "${GPU_CHECK_COMPILE:-0}" = 1 ]; then GRAPHED_IMPLS=reference,reference-compiled,fused,fused-nockpt,graphed; fi
@@ -169,9 +169,9 @@ run_section bench_graphed 150 "$PY" -m dfm_fused.bench --device cuda --budget 0.
     --e2e-impls "$GRAPHED_IMPLS" --json "$OUT/bench_graphed.json" --png "$OUT/bench_graphed.png"
 # The fraction of each iteration's wall time the GPU is busy (torch.profiler), same settings.
 run_section graphed_busy 60 "$PY" -m dfm_fused.bench.e2e --impls reference,fused,graphed --out "$OUT/graphed_busy.json"
-# Issue 15's GPU targets: the three unroll modes (fused = True, fused-selective, fused-nockpt = the
-# plain graph) and the reference, ResNet18-DFM B=64 224x224, T = 1, 5, 8, interleaved in one process:
-# time against the plain graph, graph bytes, max_memory_allocated; float32 and bfloat16 autocast.
+# The memory-saving GPU targets (docs/design.md, 'Targets'): the three unroll modes (fused = True,
+# fused-selective, fused-nockpt = the plain graph) and the reference, ResNet18-DFM B=64 224x224,
+# T = 1, 5, 8, interleaved in one process: time against the plain graph, graph bytes, max_memory_allocated; float32 and bfloat16 autocast.
 for dtype in float32 bfloat16; do
     run_section "bench_modes_$dtype" 90 "$PY" benchmarks/bench_resnet_dfm.py --device cuda --batch 64 --size 224 \
         --T 1 5 8 --repeats 7 --dtype "$dtype" --out "$OUT/resnet18_dfm_modes_$dtype.json"

@@ -32,7 +32,7 @@ def _graph_bytes(model, T, **kwargs):
 
 
 def test_early_stop_keeps_graph_memory_flat():
-    """Issue 12, item 5: with atol the loop runs in chunks of check_every steps; with
+    """With atol the loop runs in chunks of check_every steps; with
     checkpoint=True its graph must stay that of one step plus the states, as without atol."""
     model = _model(True)
     plain_T = _graph_bytes(model, 8)

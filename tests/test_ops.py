@@ -187,7 +187,7 @@ def _uniform_decay(C, dtype):
     return Q, torch.full((C,), 0.8, dtype=dtype)
 
 
-# (3, 40, 2, 2): fewer pixels than channels, as at the operating point (SPEC section 7).
+# (3, 40, 2, 2): fewer pixels than channels, as at the operating point (docs/design.md, 'The operating point').
 SCALAR_SHAPES = [((3, 40, 2, 2), 8), ((2, 12, 5, 7), 3), ((1, 6, 1, 1), 2)]
 
 

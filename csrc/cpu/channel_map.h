@@ -5,7 +5,7 @@
 // With few pixels (fewer than channels) M is not formed; see thin_forward below. (state_update
 // forms it all the same when the caller keeps it for the backward: keep_M.)
 //
-// scalar_decay (SPEC section 7: Q orthonormal, D uniform, so M = diag(D)): M is replaced by
+// scalar_decay (docs/design.md 'Scalar decay': Q orthonormal, D uniform, so M = diag(D)): M is replaced by
 // the (C,) vector D, a per-channel scale (tile_apply), and A = sum a g^T for grad_Q is one GEMM
 // over all pixels (grad_Q_thin) where the tiles would be too thin for a fast GEMM each.
 //

@@ -6,7 +6,7 @@
 // pixels per block, K-steps of 16 through shared memory, 4 x 4 results per thread) with the
 // GroupNorm prologue and the "+ h" epilogue fused; pixels are read and written four at a
 // time (16-byte accesses for float32). With scalar_decay (Q orthonormal, D uniform: M = diag(D),
-// SPEC section 7) channel_scale_kernel applies D per element instead, with the same prologue
+// docs/design.md 'Scalar decay') channel_scale_kernel applies D per element instead, with the same prologue
 // and epilogue. grad_Q's A = sum x g^T is a separate reduction:
 // per-chunk partial tiles, then a fixed-order sum over chunks, so it is deterministic.
 #pragma once

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device to time on; auto (default): cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes, T=1,2, few repeats (a smoke run)")
     p.add_argument("--shapes", type=_shape_list, default=None,
-                   help="op shapes: presets operating-point (SPEC section 7: B=128, 528x2x2 state, 16x16 map), "
+                   help="op shapes: presets operating-point (B=128, 528x2x2 state, 16x16 map), "
                         "resnet18, segmentation (the last two scaled down on the CPU), each optionally with "
                         "overrides, e.g. 'resnet18:B=8,H=16,W=16'; ';' separates shapes with overrides "
                         "(default: all three presets)")
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-impls", type=_csv, default=None,
                    help=f"end-to-end implementations, some of {', '.join(E2E_ALL)} (default: {', '.join(C.E2E_IMPLS)})")
     p.add_argument("--targets", action="store_true",
-                   help="end-to-end: issue 14's settings (ResNet18-DFM: train B=128 64x64 T=5, eval B=8 64x64 T=8, "
-                        "train B=64 224x224 T=5), every implementation (or --e2e-impls); ignores --T, --batch, "
+                   help="end-to-end: the target settings of docs/design.md, 'Targets' (ResNet18-DFM: train B=128 "
+                        "64x64 T=5, eval B=8 64x64 T=8, train B=64 224x224 T=5), every implementation (or --e2e-impls); ignores --T, --batch, "
                         "--image, --e2e-mode")
     p.add_argument("--no-ops", action="store_true", help="skip the op cases (only the end-to-end training step)")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step (only the op cases)")

@@ -45,7 +45,7 @@ class Shape:
         )
 
 
-# The operating point (SPEC section 7: dfbmodels' ResNet18 DFM on 64x64 Tiny ImageNet, B=128:
+# The operating point (docs/design.md, 'The operating point': dfbmodels' ResNet18 DFM on 64x64 Tiny ImageNet, B=128:
 # 528x2x2 state, 16x16 frontend map), ResNet18 DFM at 224x224 (7x7 state, 56x56 frontend map)
 # and the DeepLabV3+ DFM at 512x512 (state at H/4 with 256+fb channels and 256+fb groups,
 # feedback at H/2), in this order of importance.

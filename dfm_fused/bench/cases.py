@@ -10,7 +10,7 @@ Implementations (``impl``): ``reference`` (:mod:`dfm_fused.reference`, eager),
 ``reference-compiled`` (the reference under ``torch.compile``, as ``dfbmodels`` ships its
 layers) and the dfm_fused backends (``torch``, ``triton``, and ``extension``, named ``cpp`` on the
 CPU and ``cuda`` on a GPU as in earlier results) forced with ``backend=``. Op cases: the three ops, and ``StateUpdate``: the module in training after
-its QR at t=0, which takes the scalar-decay path (SPEC section 7), against the reference's
+its QR at t=0, which takes the scalar-decay path (docs/design.md, 'Scalar decay'), against the reference's
 ``h + StateExpDecay(GroupNorm(y), t)``. End-to-end
 cases compare a reference model (plain graph over T steps; ``reference-compiled``:
 its layers under ``torch.compile`` as shipped) with the dfm_fused model in the three

@@ -1,4 +1,4 @@
-"""End-to-end implementations beyond the eager models, and the issue-14 operating points.
+"""End-to-end implementations beyond the eager models, and the end-to-end target settings (docs/design.md, 'Targets').
 
 - ``reference-compiled``: the reference ResNet DFM with ``layer1..4`` and
   ``frontend`` wrapped in ``torch.compile`` (default mode), as ``dfbmodels`` ships
@@ -22,7 +22,8 @@ __all__ = ["COMPILED_MODULES", "TARGETS", "busy_fraction", "compile_as_shipped",
 # The submodules dfbmodels wraps in torch.compile.
 COMPILED_MODULES = ("frontend", "layer1", "layer2", "layer3", "layer4")
 IMPLS = ("reference", "reference-compiled", "fused", "fused-selective", "fused-nockpt", "graphed")
-# Issue 14's settings: (mode, B, image, T). ResNet18-DFM fb_filters=16, 200 classes, float32.
+# The end-to-end target settings (docs/design.md, 'Targets'): (mode, B, image, T).
+# ResNet18-DFM fb_filters=16, 200 classes, float32.
 TARGETS = (("train", 128, (64, 64), 5), ("eval", 8, (64, 64), 8), ("train", 64, (224, 224), 5))
 # The CPU cannot capture graphs and compiles slowly: a scaled-down smoke of the eager ones.
 CPU_TARGETS = (("train", 2, (64, 64), 2), ("eval", 2, (64, 64), 2))
@@ -56,7 +57,7 @@ def graphed_forward(case, model, optimizer, x, labels, autocast_dtype):
 
 
 def target_e2e_cases(device_type: str, dtype: str = "float32", impls=None) -> list:
-    """Issue 14's end-to-end cases (every implementation at each setting); scaled down on the CPU."""
+    """The end-to-end target cases (every implementation at each setting); scaled down on the CPU."""
     from dfm_fused.bench.cases import E2ECase
 
     if impls is None:

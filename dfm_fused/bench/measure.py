@@ -7,8 +7,8 @@
   also the peak of ``torch.cuda.max_memory_allocated`` above the memory in use
   before the pass; on the CPU the peak resident set size above the process's size
   before the pass, measured in a worker subprocess (:mod:`dfm_fused.bench.rss_worker`).
-- floor (CUDA): ``max(bytes / bandwidth, flops / matmul peak)`` of SPEC section 5
-  with both peaks measured in the same run.
+- floor (CUDA): ``max(bytes / bandwidth, flops / matmul peak)`` (docs/design.md,
+  'The floor') with both peaks measured in the same run.
 - launches and device time: one ``run()`` under ``torch.profiler``: the number of
   device operations (kernels, copies, memsets) and their summed duration on the device,
   beside the wall time; the number of ATen calls on every device (host overhead).
@@ -161,7 +161,7 @@ def _best_cuda_time(fn, device, repeats: int = 10) -> float:
 
 
 def op_traffic(case) -> tuple[int, int]:
-    """Minimal (bytes moved, flops) of an op case (SPEC section 5), forward or forward + backward.
+    """Minimal (bytes moved, flops) of an op case (docs/design.md, 'The floor'), forward or forward + backward.
 
     ``state_update`` forward reads y and h and writes h (3 C P elements) with one
     C x C matrix per pixel (2 C^2 P flops); its backward reads the upstream
@@ -190,6 +190,6 @@ def op_traffic(case) -> tuple[int, int]:
 
 
 def floor_seconds(case, peaks: dict) -> float:
-    """SPEC section 5 floor: ``max(bytes / bandwidth, flops / matmul peak)``."""
+    """The floor (docs/design.md, 'The floor'): ``max(bytes / bandwidth, flops / matmul peak)``."""
     nbytes, flops = op_traffic(case)
     return max(nbytes / peaks["bandwidth_bytes_per_s"], flops / peaks["matmul_flops_per_s"])

@@ -23,7 +23,7 @@ def add_ratios(records: list[dict]) -> None:
     peak memory / the reference's (CUDA: allocated; CPU: resident set).
     ``graph_memory_ratio``: the same for the activation bytes the autograd graph
     saves (inputs and parameters left out; 0 when an implementation saves only those).
-    ``floor_fraction`` (CUDA op cases): SPEC floor / this median time.
+    ``floor_fraction`` (CUDA op cases): floor / this median time (docs/design.md, 'The floor').
     """
     references = {r["group"]: r for r in records if r["impl"] == "reference" and "error" not in r}
     for r in records:

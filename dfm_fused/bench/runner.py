@@ -77,7 +77,7 @@ def case_info(case) -> dict:
 
 
 def measure_case(case, peaks: dict | None = None, **timing) -> dict:
-    """Time and memory of one case; ``peaks`` (CUDA, ``{dtype: device_peaks}``) adds the SPEC floor."""
+    """Time and memory of one case; ``peaks`` (CUDA, ``{dtype: device_peaks}``) adds the floor (docs/design.md, 'The floor')."""
     record = case_info(case)
     bench = case.build()
     record["time_s"] = measure.time_bench(bench, **timing)

@@ -3,7 +3,7 @@
 ``ResNet18/34/50(fb_filters, n_classes, shape, tau, *, checkpoint=True)`` have
 the reference constructor and ``state_dict`` keys (less the ``_orig_mod.``
 infixes; see :func:`dfm_fused.models.load_reference_state_dict`) and its step
-(SPEC section 2), with the feedback path as one ``feedback_input`` op and the
+(docs/design.md, 'Reference semantics'), with the feedback path as one ``feedback_input`` op and the
 GroupNorm + decay + residual as one ``state_update`` op, unrolled by
 :func:`dfm_fused.unroll`.
 

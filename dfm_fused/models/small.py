@@ -1,6 +1,6 @@
 """A small DFM, for end-to-end benchmarks and tests that need a whole model but not a ResNet.
 
-Same loop as the ResNet DFM (SPEC section 1) at a smaller size: a frontend run once, a
+Same loop as the ResNet DFM (docs/design.md, 'The feedback loop') at a smaller size: a frontend run once, a
 feedback projection of the state concatenated with its output, a conv body down to the
 state's resolution, the exponential-decay state update, and a linear head on the pooled
 class channels. :class:`SmallDFM` runs :class:`dfm_fused.FeedbackInput`,

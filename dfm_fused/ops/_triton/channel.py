@@ -8,7 +8,7 @@ spatial sizes (7x7) still fill whole tiles. Element ``(b, c, s)`` sits at
 - :func:`channel_matmul`: ``out[:, n] = M @ norm(x[:, n]) (+ h[:, n])`` with the optional
   per-(image, channel) affine ``norm(x) = x * scale + shift`` (GroupNorm) and residual.
 - :func:`channel_scale`: ``out = D[c] * norm(x) (+ h)``, the same for ``M = diag(D)`` (the
-  scalar-decay path, SPEC section 7), elementwise.
+  scalar-decay path, docs/design.md 'Scalar decay'), elementwise.
 - :func:`decay_map`: one of the two for the decay ``M = Q^T diag(D) Q``.
 - :func:`channel_outer`: ``A = sum_n norm(x[:, n]) g[:, n]^T``, split over pixel ranges
   into partial C x C sums that are added in a fixed order (deterministic, no atomics).

@@ -4,7 +4,8 @@ and the end-to-end settings of docs/design.md, 'Targets' (training B=128 64x64 T
 ``reference-compiled`` and the whole iteration as one CUDA graph (``graphed``)."""
 from conftest import DEVICE, run_benchmark
 
-from dfm_fused.bench.e2e import IMPLS, target_e2e_cases
+from dfm_fused.bench.e2e import target_e2e_cases
+from dfm_fused.bench.e2e_cases import E2E_ALL_IMPLS as IMPLS
 
 
 def pytest_generate_tests(metafunc):

@@ -9,9 +9,7 @@ Backends ``auto`` tries, in order, for each device type:
   when asked for.
 
 ``extension`` is one compiled library whose ops the torch dispatcher routes by
-device; ``cpp`` (its CPU kernels only) and ``cuda`` (its CUDA kernels only) are
-deprecated names for it, still accepted everywhere a backend is named, with a
-:class:`DeprecationWarning`.
+device (its CPU kernels on ``cpu`` tensors, its CUDA kernels on ``cuda`` ones).
 
 ``auto`` (the default) picks the first available backend for the tensor's
 device. ``set_backend(name)`` or the environment variable ``DFM_FUSED_BACKEND``
@@ -30,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from dfm_fused import _extension
+from dfm_fused._errors import BackendUnavailable
 
 __all__ = [
     "BackendUnavailable",
@@ -51,10 +50,6 @@ __all__ = [
 
 OPS = ("exp_decay", "feedback_input", "state_update", "general_exp_decay")
 ENV_VAR = "DFM_FUSED_BACKEND"
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for that cannot run here; the message says why."""
 
 
 def _triton_probe(device_type: str) -> None:
@@ -75,11 +70,7 @@ def _cuda_device_probe() -> None:
 
 def _extension_probe(device_type: str) -> None:
     # require() gives every reason at once (e.g. no GPU, and a build without CUDA kernels).
-    try:
-        extension = importlib.import_module("dfm_fused._extension")
-    except ImportError as exc:
-        raise BackendUnavailable(f"the C++ extension loader is missing ({exc})") from None
-    extension.require(device_type)
+    _extension.require(device_type)
 
 
 def _always(device_type: str) -> None:
@@ -110,15 +101,6 @@ _BACKENDS = {
         _Backend("reference", "dfm_fused.reference", ("cpu", "cuda"), _always),
     )
 }
-# Deprecated names of the extension restricted to one device type (it was two backends): they
-# run as before, one device each, and are not listed by backend_status / available_backends.
-_DEPRECATED = {
-    b.name: b
-    for b in (
-        _Backend("cpp", "dfm_fused.ops.{op}.extension_backend", ("cpu",), _extension_probe),
-        _Backend("cuda", "dfm_fused.ops.{op}.extension_backend", ("cuda",), _extension_probe),
-    )
-}
 # Order in which ``auto`` tries backends per device type. Triton on the CPU is
 # an interpreter for testing, never a fast path. On CUDA, Triton is opt-in: on an H200
 # (benchmarks/results/h200_*) the torch backend beat it in 20 of the 24 op cases and the
@@ -143,7 +125,7 @@ def _load(name: str, device_type: str) -> dict[str, Callable]:
         with _lock:
             hit = _cache.get(key)
             if hit is None:
-                hit = _try_load(_BACKENDS.get(name) or _DEPRECATED[name], device_type)
+                hit = _try_load(_BACKENDS[name], device_type)
                 _cache[key] = hit
     if isinstance(hit, BackendUnavailable):
         raise BackendUnavailable(str(hit))
@@ -172,31 +154,10 @@ def _try_load(backend: _Backend, device_type: str):
 
 
 def _check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS and name not in _DEPRECATED):
+    if not isinstance(name, str) or (name != "auto" and name not in _BACKENDS):
         known = ", ".join(["auto", *_BACKENDS])
         raise ValueError(f"{what}: expected one of {known}; got {name!r}")
     return name
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _warn_if_deprecated(name: str, what: str) -> None:
-    if name not in _DEPRECATED:
-        return
-    # Attribute the warning to the first caller outside dfm_fused (the line that named the backend;
-    # contextlib's frames too, for use_backend), so that Python's default filters show it there.
-    frame, stacklevel = sys._getframe(0), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR)
-                                 or frame.f_code.co_filename == contextlib.__file__):
-        frame, stacklevel = frame.f_back, stacklevel + 1
-    (device_type,) = _DEPRECATED[name].devices
-    warnings.warn(
-        f"{what}: backend {name!r} is deprecated; use 'extension', which runs the same kernels on "
-        f"{device_type!r} tensors (and on the other devices it was built for)",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
 
 
 def backend_status(device_type: str | None = None) -> dict[str, str | None]:
@@ -204,8 +165,7 @@ def backend_status(device_type: str | None = None) -> dict[str, str | None]:
 
     ``device_type=None`` means the best device here (``cuda`` if available, else ``cpu``).
     ``extension`` runs on ``cpu`` once the library is built, and on ``cuda`` only when it was built
-    with CUDA kernels and a GPU is present; its reason says which is missing. The deprecated names
-    ``cpp`` and ``cuda`` are not listed.
+    with CUDA kernels and a GPU is present; its reason says which is missing.
     """
     device_type = device_type or _default_device_type()
     status = {}
@@ -235,7 +195,7 @@ def set_backend(name: str | None) -> None:
     """
     global _forced
     if name is not None:
-        _warn_if_deprecated(_check_name(name, "set_backend(name)"), "set_backend(name)")
+        _check_name(name, "set_backend(name)")
         _require_runnable(name)
     with _lock:
         _forced = name
@@ -246,7 +206,7 @@ def _require_runnable(name: str) -> None:
     if name == "auto":
         return
     reasons = []
-    for device_type in (_BACKENDS.get(name) or _DEPRECATED[name]).devices:
+    for device_type in _BACKENDS[name].devices:
         try:
             _load(name, device_type)
             return
@@ -271,7 +231,7 @@ def use_backend(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        with _lock:  # back to a setting that was accepted (and warned about) when it was made
+        with _lock:  # back to a setting that was accepted when it was made
             _forced = previous
 
 
@@ -301,7 +261,6 @@ def _resolve_name(op: str, device_type: str, backend: str | None, dtype: torch.d
     # into the graph, so dispatch costs nothing per call and breaks no graph.
     if backend is not None:
         name = _check_name(backend, "backend")
-        _warn_if_deprecated(name, "backend")
     else:
         name = get_backend()
     if name != "auto":
@@ -332,7 +291,6 @@ def check_environment() -> None:
     name = os.environ.get(ENV_VAR)
     if name:
         _check_name(name, f"environment variable {ENV_VAR}")
-        _warn_if_deprecated(name, f"environment variable {ENV_VAR}")
         try:
             _require_runnable(name)
         except BackendUnavailable as exc:

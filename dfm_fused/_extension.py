@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dfm_fused._dispatch import BackendUnavailable
+from dfm_fused._errors import BackendUnavailable
 
 __all__ = ["build_info", "memory_format_of", "require", "set_cpu_target", "set_poison"]
 

@@ -21,7 +21,7 @@ def test_reference_and_torch_are_always_available_on_cpu():
     available = dfm_fused.available_backends("cpu")
     assert "torch" in available and "reference" in available
     status = dfm_fused.backend_status("cpu")
-    assert list(status) == ["triton", "extension", "torch", "reference"]  # no deprecated names
+    assert list(status) == ["triton", "extension", "torch", "reference"]
 
 
 def _extension_reason(device_type: str) -> str | None:
@@ -75,50 +75,33 @@ def test_unknown_backend_is_a_value_error():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_unavailable_backend_raises_with_the_reason():
-    with pytest.raises(dfm_fused.BackendUnavailable, match="no CUDA device|does not run on"), \
-            pytest.warns(DeprecationWarning):
-        dfm_fused.set_backend("cuda")
+def test_unavailable_backend_raises_with_the_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_dispatch, "_cache", {})  # the probes read TRITON_INTERPRET once, then cache
+    with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'triton' is unavailable"):
+        dfm_fused.set_backend("triton")
+    assert dfm_fused.get_backend() == "auto"  # a refused set_backend leaves the setting alone
     x = torch.randn(1, 4, 2, 2)
     Q, S = decay_args(4)
-    with pytest.raises(dfm_fused.BackendUnavailable, match="does not run on 'cpu'"), pytest.warns(DeprecationWarning):
-        dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cuda")
-    assert dfm_fused.get_backend() == "auto"  # a refused set_backend leaves the setting alone
+    with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'triton' is unavailable"):
+        dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="triton")
     with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'extension' is unavailable: no CUDA device"):
         _dispatch.resolve("exp_decay", "cuda", "extension")
 
 
-@pytest.mark.skipif(_extension_reason("cpu") is not None, reason="the extension does not run on cpu here")
-def test_deprecated_extension_names_still_work_on_their_device():
-    """``cpp`` and ``cuda`` (the extension's former two backends) are accepted with a DeprecationWarning and
-    keep their behaviour: ``cpp`` runs CPU tensors only, ``cuda`` CUDA tensors only."""
-    with pytest.warns(DeprecationWarning, match=r"set_backend\(name\): backend 'cpp' is deprecated; use 'extension'"):
-        dfm_fused.set_backend("cpp")
-    assert dfm_fused.get_backend() == "cpp"
-    assert _dispatch.resolve("exp_decay", "cpu")[0] == "cpp"
-    with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'cpp' does not run on 'cuda' tensors"):
-        _dispatch.resolve("exp_decay", "cuda")
-    dfm_fused.set_backend("extension")
-    assert _dispatch.resolve("exp_decay", "cpu")[0] == "extension"
+@pytest.mark.parametrize("name", ["cpp", "cuda"])
+def test_former_extension_names_are_not_backends(name):
+    """``cpp`` and ``cuda`` were the extension's two backends before it became one; they are refused
+    like any unknown name, everywhere a backend is named."""
+    known = "expected one of auto, triton, extension, torch, reference; got"
+    with pytest.raises(ValueError, match=rf"set_backend\(name\): {known} '{name}'"):
+        dfm_fused.set_backend(name)
     x = torch.randn(1, 4, 2, 2)
     Q, S = decay_args(4)
-    expected = dfm_fused.exp_decay(x, Q, S, 1, 1, 1)
-    with pytest.warns(DeprecationWarning, match="backend: backend 'cpp' is deprecated") as caught:
-        torch.testing.assert_close(dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cpp"), expected, rtol=0, atol=0)
-    assert caught[0].filename == __file__  # the caller's line, where the default filters show it
-    with pytest.raises(dfm_fused.BackendUnavailable, match="backend 'cuda' does not run on 'cpu' tensors"), \
-            pytest.warns(DeprecationWarning):
-        dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend="cuda")
-
-
-@pytest.mark.skipif(_extension_reason("cpu") is not None, reason="the extension does not run on cpu here")
-def test_deprecated_name_in_the_environment_still_works():
-    code = "import dfm_fused\nfrom dfm_fused import _dispatch\nprint(_dispatch.resolve('exp_decay', 'cpu')[0])\n"
-    out = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", code],
-                         env={**_env(), "DFM_FUSED_BACKEND": "cpp"}, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["cpp"]
-    assert "environment variable DFM_FUSED_BACKEND: backend 'cpp' is deprecated; use 'extension'" in out.stderr
+    with pytest.raises(ValueError, match=rf"backend: {known} '{name}'"):
+        dfm_fused.exp_decay(x, Q, S, 1, 1, 1, backend=name)
+    assert _import_error(DFM_FUSED_BACKEND=name) == (
+        f"ValueError: environment variable DFM_FUSED_BACKEND: {known} '{name}'")
 
 
 def test_environment_variable_forces_a_backend_in_a_fresh_process():
@@ -165,14 +148,15 @@ def test_unknown_backend_in_the_environment_is_refused_at_import():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_unavailable_backend_in_the_environment_says_what_set_backend_says():
+def test_unavailable_backend_in_the_environment_says_what_set_backend_says(monkeypatch):
     """One wording for "no CUDA": at import the variable gets set_backend's message (before, the first
     op said "does not run on 'cpu' tensors" while set_backend said "no CUDA device is available")."""
-    line = _import_error(DFM_FUSED_BACKEND="cuda")
-    with pytest.warns(DeprecationWarning):  # the extension's former name for its CUDA kernels
-        expected = _set_backend_error("cuda")
-    assert line == f"dfm_fused._dispatch.BackendUnavailable: environment variable DFM_FUSED_BACKEND=cuda: {expected}"
-    assert "no CUDA device is available" in line
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_dispatch, "_cache", {})  # the probes read TRITON_INTERPRET once, then cache
+    line = _import_error(DFM_FUSED_BACKEND="triton", TRITON_INTERPRET="0")
+    expected = _set_backend_error("triton")
+    assert line == f"dfm_fused._errors.BackendUnavailable: environment variable DFM_FUSED_BACKEND=triton: {expected}"
+    assert "no CUDA device is available" in line or "triton is not importable" in line
 
 
 def test_unknown_cpu_target_is_refused_at_import():

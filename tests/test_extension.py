@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dfm_fused import _extension, reference
-from dfm_fused._dispatch import BackendUnavailable
+from dfm_fused import BackendUnavailable
 
 
 def _reason(device_type: str) -> str | None:
@@ -472,9 +472,6 @@ def test_functional_dispatch_uses_the_extension():
     out = dfm_fused.exp_decay(x, Q, S, t, tau, alpha, backend="extension")
     _close(out, reference.exp_decay(*_upcast([x, Q, S]), t, tau, alpha), torch.float32, "functional extension")
     assert "extension" in dfm_fused.available_backends("cpu")
-    with pytest.warns(DeprecationWarning, match="backend 'cpp' is deprecated; use 'extension'"):
-        old = dfm_fused.exp_decay(x, Q, S, t, tau, alpha, backend="cpp")
-    torch.testing.assert_close(old, out, rtol=0, atol=0)
 
 
 def test_installed_package_is_tested():

@@ -2,8 +2,6 @@
 modules (``ops/_triton``, ``ops/_torch``, ``ops/_decay.py``, ``ops/_autograd.py``), and no Python
 file of the package is over 400 lines."""
 import ast
-import importlib
-import sys
 import re
 from pathlib import Path
 
@@ -92,27 +90,96 @@ def test_readme_lists_every_environment_variable():
     assert read <= table, f"not in the README table: {sorted(read - table)}"
 
 
-@pytest.mark.parametrize("old, new, name", [
-    ("dfm_fused.ops.common", "dfm_fused.ops._decay", "decay_vector"),
-    ("dfm_fused.ops.common", "dfm_fused.ops._torch.channel", "outer_over_pixels"),
-    ("dfm_fused.ops.triton_utils", "dfm_fused.ops._triton.host", "new_output"),
-])
-def test_moved_modules_still_import_with_a_deprecation_warning(old, new, name):
-    if "triton" in old:
-        pytest.importorskip("triton")
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=old.rsplit(".", 1)[-1]):
-        module = importlib.import_module(old)
-    alias = "channel_outer" if name == "outer_over_pixels" else name
-    assert getattr(module, alias) is getattr(importlib.import_module(new), name)
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_bench_small_dfm_still_builds_with_a_deprecation_warning():
-    from dfm_fused.bench import models as old
-    from dfm_fused.models.reference import ReferenceSmallDFM
-    from dfm_fused.models.small import SmallDFM
+def _import_graph() -> dict[str, dict[str, int]]:
+    """``{module: {module it imports: line}}`` over dfm_fused's modules.
 
-    kwargs = dict(width=8, classes_ch=16, fb=8, n_classes=5)
-    with pytest.warns(DeprecationWarning, match="dfm_fused.models.small.SmallDFM"):
-        fused, ref = old.SmallDFM(True, checkpoint=False, **kwargs), old.SmallDFM(False, **kwargs)
-    assert type(fused) is SmallDFM and fused.checkpoint is False and type(ref) is ReferenceSmallDFM
+    Every import statement counts, those inside functions too (a lazy import still makes the two
+    modules depend on each other), and so does ``importlib.import_module`` of a literal name.
+    ``from package import name`` is an edge to ``package.name`` when that is a module, else to
+    ``package``."""
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: dict[str, int] = {}
+
+        def add(target: str, line: int) -> None:
+            if target in paths and target != name:
+                edges.setdefault(target, line)
+
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    add(alias.name, node.lineno)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                for alias in node.names:
+                    add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in paths else base, node.lineno)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "import_module" and node.args
+                  and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                add(node.args[0].value, node.lineno)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected group of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = set()
+            while node not in group:
+                group.add(stack.pop())
+            if len(group) > 1:
+                groups.append(group)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    cycles = []
+    for group in groups:
+        start = min(group)
+        path, seen = [start], {start}
+        while True:  # walk inside the group until a module repeats
+            target = next(t for t in sorted(graph[path[-1]]) if t in group)
+            path.append(target)
+            if target in seen:
+                cycles.append(path[path.index(target):])
+                break
+            seen.add(target)
+    return cycles
+
+
+def test_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b": 1}, "b": {"c": 2}, "c": {"a": 3, "d": 4}, "d": {}, "e": {"e2": 5}, "e2": {}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+
+
+def test_no_import_cycles():
+    """No two dfm_fused modules import each other, directly or through others."""
+    graph = _import_graph()
+    assert {"dfm_fused._dispatch", "dfm_fused.bench.e2e", "dfm_fused.functional"} <= set(graph)
+    described = [" -> ".join(f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {cycle[-1]}"
+                 for cycle in _cycles(graph)]
+    assert not described, "import cycles:\n" + "\n".join(described)

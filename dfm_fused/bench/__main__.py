@@ -17,8 +17,8 @@ import torch
 
 from dfm_fused.bench import cases as C
 from dfm_fused.bench import measure, report, runner
-from dfm_fused.bench.e2e import IMPLS as E2E_ALL
 from dfm_fused.bench.e2e import target_e2e_cases
+from dfm_fused.bench.e2e_cases import E2E_ALL_IMPLS as E2E_ALL
 
 
 def _csv(text: str) -> list[str]:

@@ -16,7 +16,7 @@ cases compare a reference model (plain graph over T steps; ``reference-compiled`
 its layers under ``torch.compile`` as shipped) with the dfm_fused model in the three
 ``unroll`` modes: full recompute (``fused``, ``checkpoint=True``), selective
 (``fused-selective``) and the plain graph (``fused-nockpt``), and with the
-whole iteration as one CUDA graph (``graphed``, :mod:`dfm_fused.bench.e2e`).
+whole iteration as one CUDA graph (``graphed``).
 
 The cases live in :mod:`dfm_fused.bench.op_cases` and :mod:`dfm_fused.bench.e2e_cases`, what they
 share in :mod:`dfm_fused.bench._case_base`; this module gathers them under one name.

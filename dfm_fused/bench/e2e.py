@@ -1,13 +1,4 @@
-"""End-to-end implementations beyond the eager models, and the end-to-end target settings (docs/design.md, 'Targets').
-
-- ``reference-compiled``: the reference ResNet DFM with ``layer1..4`` and
-  ``frontend`` wrapped in ``torch.compile`` (default mode), as ``dfbmodels`` ships
-  it; compiled on its first (warm-up) run, not timed.
-- ``graphed``: the fused model (plain graph, ``checkpoint=False``) with the whole
-  iteration captured by :func:`dfm_fused.capture_train_step` (training) or
-  :func:`dfm_fused.capture_inference` (``mode="eval"``). Built with two calls
-  made: the first runs eagerly (SGD creates its momentum buffers at its first
-  step), the second captures, so every timed call is one replay.
+"""The end-to-end target settings (docs/design.md, 'Targets') as cases, and the GPU's busy fraction.
 
 ``python -m dfm_fused.bench.e2e --out busy.json`` measures, on CUDA, the fraction of
 each target case's wall time that the GPU is busy (profiler kernel and copy
@@ -17,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["COMPILED_MODULES", "TARGETS", "busy_fraction", "compile_as_shipped", "graphed_forward", "target_e2e_cases"]
+from dfm_fused.bench import runner
+from dfm_fused.bench.e2e_cases import E2E_ALL_IMPLS, E2ECase
 
-# The submodules dfbmodels wraps in torch.compile.
-COMPILED_MODULES = ("frontend", "layer1", "layer2", "layer3", "layer4")
-IMPLS = ("reference", "reference-compiled", "fused", "fused-selective", "fused-nockpt", "graphed")
+__all__ = ["CPU_TARGETS", "TARGETS", "busy_fraction", "merged_length", "target_e2e_cases"]
+
 # The end-to-end target settings (docs/design.md, 'Targets'): (mode, B, image, T).
 # ResNet18-DFM fb_filters=16, 200 classes, float32.
 TARGETS = (("train", 128, (64, 64), 5), ("eval", 8, (64, 64), 8), ("train", 64, (224, 224), 5))
@@ -29,39 +20,10 @@ TARGETS = (("train", 128, (64, 64), 5), ("eval", 8, (64, 64), 8), ("train", 64, 
 CPU_TARGETS = (("train", 2, (64, 64), 2), ("eval", 2, (64, 64), 2))
 
 
-def compile_as_shipped(model: torch.nn.Module) -> torch.nn.Module:
-    for name in COMPILED_MODULES:
-        setattr(model, name, torch.compile(getattr(model, name)))
-    return model
-
-
-def graphed_forward(case, model, optimizer, x, labels, autocast_dtype):
-    """``forward()`` of a ``graphed`` bench: one replay of the captured iteration (or forward)."""
-    import dfm_fused
-
-    if case.mode == "eval":
-        infer = dfm_fused.capture_inference(model, x, case.T, autocast_dtype=autocast_dtype)
-        return lambda: infer(x)
-    step = dfm_fused.capture_train_step(model, optimizer, torch.nn.functional.cross_entropy, (x, labels), case.T,
-                                        autocast_dtype=autocast_dtype)
-
-    def forward():
-        optimizer.zero_grad(set_to_none=True)
-        return step(x, labels)
-
-    forward()
-    forward()
-    if step.counts["replays"] != 1:
-        raise RuntimeError(f"graphed: expected the second call to replay a captured graph; got {step.counts}")
-    return forward
-
-
 def target_e2e_cases(device_type: str, dtype: str = "float32", impls=None) -> list:
     """The end-to-end target cases (every implementation at each setting); scaled down on the CPU."""
-    from dfm_fused.bench.cases import E2ECase
-
     if impls is None:
-        impls = IMPLS if device_type == "cuda" else ("reference", "fused", "fused-selective", "fused-nockpt")
+        impls = E2E_ALL_IMPLS if device_type == "cuda" else ("reference", "fused", "fused-selective", "fused-nockpt")
     targets = TARGETS if device_type == "cuda" else CPU_TARGETS
     return [E2ECase("resnet18", impl, T, B, image, dtype, device_type, mode)
             for mode, B, image, T in targets for impl in impls]
@@ -100,8 +62,6 @@ def busy_fraction(bench, iterations: int = 10) -> dict:
 def main(argv=None) -> int:
     import argparse
     import json
-
-    from dfm_fused.bench import runner
 
     parser = argparse.ArgumentParser(prog="python -m dfm_fused.bench.e2e", description=__doc__.split("\n\n")[-1])
     parser.add_argument("--out", required=True, help="JSON path")

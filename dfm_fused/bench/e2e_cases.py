@@ -1,5 +1,17 @@
 """End-to-end benchmark cases: a DFM training step or inference, reference against the fused
-``unroll`` modes (see :mod:`dfm_fused.bench.cases`)."""
+``unroll`` modes (see :mod:`dfm_fused.bench.cases`).
+
+Besides the eager models:
+
+- ``reference-compiled``: the reference ResNet DFM with ``layer1..4`` and
+  ``frontend`` wrapped in ``torch.compile`` (default mode), as ``dfbmodels`` ships
+  it; compiled on its first (warm-up) run, not timed.
+- ``graphed``: the fused model (plain graph, ``checkpoint=False``) with the whole
+  iteration captured by :func:`dfm_fused.capture_train_step` (training) or
+  :func:`dfm_fused.capture_inference` (``mode="eval"``). Built with two calls
+  made: the first runs eagerly (SGD creates its momentum buffers at its first
+  step), the second captures, so every timed call is one replay.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +21,14 @@ import torch
 
 from dfm_fused.bench._case_base import DTYPES, Bench, _autocast, _Case, _generator_seed
 
-__all__ = ["E2E_CHECKPOINT", "E2E_IMPLS", "E2E_MODES", "E2ECase", "e2e_cases", "models_available"]
+__all__ = ["COMPILED_MODULES", "E2E_ALL_IMPLS", "E2E_CHECKPOINT", "E2E_IMPLS", "E2E_MODES", "E2ECase",
+           "compile_as_shipped", "e2e_cases", "graphed_forward", "models_available"]
 
+# Every end-to-end implementation, and those run unless others are asked for.
+E2E_ALL_IMPLS = ("reference", "reference-compiled", "fused", "fused-selective", "fused-nockpt", "graphed")
 E2E_IMPLS = ("reference", "fused", "fused-selective", "fused-nockpt")
+# The submodules dfbmodels wraps in torch.compile.
+COMPILED_MODULES = ("frontend", "layer1", "layer2", "layer3", "layer4")
 # The ``checkpoint`` of each fused end-to-end implementation.
 E2E_CHECKPOINT = {"fused": True, "fused-selective": "selective"}
 E2E_MODES = ("train", "eval")
@@ -70,8 +87,6 @@ class E2ECase(_Case):
         if self.impl == "reference-compiled":
             if self.model != "resnet18":
                 raise ValueError(f"reference-compiled: the reference ResNet DFM only; got model {self.model!r}")
-            from dfm_fused.bench.e2e import compile_as_shipped
-
             compile_as_shipped(model)
         return model.to(self.device).train(self.mode == "train")
 
@@ -87,8 +102,6 @@ class E2ECase(_Case):
         # dropped after it, so each iteration allocates them as autograd.grad would.
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if self.mode == "train" else None
         if self.impl == "graphed":
-            from dfm_fused.bench.e2e import graphed_forward
-
             half = dtype if dtype in (torch.float16, torch.bfloat16) else None
             return Bench(graphed_forward(self, model, optimizer, x, labels, half), None, persistent, device)
         # The reference's early stop (atol=1e-2 by default) must not cut its T steps short:
@@ -113,6 +126,33 @@ class E2ECase(_Case):
             optimizer.zero_grad(set_to_none=True)
 
         return Bench(forward, backward, persistent, device)
+
+
+def compile_as_shipped(model: torch.nn.Module) -> torch.nn.Module:
+    for name in COMPILED_MODULES:
+        setattr(model, name, torch.compile(getattr(model, name)))
+    return model
+
+
+def graphed_forward(case, model, optimizer, x, labels, autocast_dtype):
+    """``forward()`` of a ``graphed`` bench: one replay of the captured iteration (or forward)."""
+    import dfm_fused
+
+    if case.mode == "eval":
+        infer = dfm_fused.capture_inference(model, x, case.T, autocast_dtype=autocast_dtype)
+        return lambda: infer(x)
+    step = dfm_fused.capture_train_step(model, optimizer, torch.nn.functional.cross_entropy, (x, labels), case.T,
+                                        autocast_dtype=autocast_dtype)
+
+    def forward():
+        optimizer.zero_grad(set_to_none=True)
+        return step(x, labels)
+
+    forward()
+    forward()
+    if step.counts["replays"] != 1:
+        raise RuntimeError(f"graphed: expected the second call to replay a captured graph; got {step.counts}")
+    return forward
 
 
 def models_available() -> str | None:

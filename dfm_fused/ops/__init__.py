@@ -8,6 +8,5 @@
 Code several ops use lives outside the op folders, and no op folder imports another:
 :mod:`._decay` (the decay math every backend shares), :mod:`._autograd` (helpers for the
 ``autograd.Function`` of every backend), :mod:`._torch` (PyTorch building blocks),
-:mod:`._triton` (Triton building blocks). ``common`` and ``triton_utils`` are deprecated
-aliases of them.
+:mod:`._triton` (Triton building blocks).
 """

@@ -5,8 +5,8 @@
 :class:`StepStates` keeps what a replay of step ``t`` must see besides the RNG
 and autocast (which ``torch.utils.checkpoint`` restores):
 
-- BatchNorm modules in training mode run the replay with momentum 0 and no
-  ``num_batches_tracked``: they normalise with the same batch statistics, save
+- BatchNorm modules (``SyncBatchNorm`` too) in training mode run the replay with momentum 0,
+  their ``num_batches_tracked`` put back afterwards: they normalise with the same batch statistics, save
   the same tensors for backward, and leave the running statistics as they are
   (``(1 - 0) * r + 0 * b == r`` exactly for finite batch statistics; non-finite
   ones already made ``r`` non-finite in the forward), so each statistic is
@@ -161,26 +161,30 @@ class _Replaying:
         indices = sorted(s.mutated)
         mutated = [s.tracked[i] for i in indices]
         after = [m.detach().clone() for m in mutated]
-        settings = [(m.momentum, m.num_batches_tracked) for m in s.batch_norms]
+        # The step counters are kept (SyncBatchNorm asserts one is there) and counted up by the
+        # replay like any BatchNorm forward; their values are put back afterwards.
+        counts = [m.num_batches_tracked for m in s.batch_norms if m.num_batches_tracked is not None]
+        settings = ([m.momentum for m in s.batch_norms], counts, [c.detach().clone() for c in counts])
         stack = contextlib.ExitStack()
         self.entered.append((mutated, after, settings, stack))
         _copy_all(mutated, [s.before[self.t][i] for i in indices])
         for m in s.batch_norms:
-            m.momentum, m.num_batches_tracked = 0.0, None
+            m.momentum = 0.0
         if self.kept is not None:
             stack.enter_context(self.kept.handing_back())
         stack.enter_context(recomputing())
-        stack.enter_context(_ReplayMode({m.untyped_storage().data_ptr() for m in mutated}, self.kept))
+        allowed = {t.untyped_storage().data_ptr() for t in mutated + counts}
+        stack.enter_context(_ReplayMode(allowed, self.kept))
         return self
 
     def __exit__(self, *exc):
-        mutated, after, settings, stack = self.entered.pop()
+        mutated, after, (momenta, counts, count_values), stack = self.entered.pop()
         try:
             stack.close()
         finally:
-            for m, (momentum, count) in zip(self.states.batch_norms, settings):
-                m.momentum, m.num_batches_tracked = momentum, count
-            _copy_all(mutated, after)
+            for m, momentum in zip(self.states.batch_norms, momenta):
+                m.momentum = momentum
+            _copy_all(mutated + counts, after + count_values)
         return False
 
 

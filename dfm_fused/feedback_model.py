@@ -1,4 +1,4 @@
-"""Whole DFMs: the T-step loop around a frontend, a body and a head (SPEC section 1).
+"""Whole DFMs: the T-step loop around a frontend, a body and a head (docs/design.md, "What a DFM is").
 
 :class:`FeedbackLoop` is the loop shared by every model of this package; a
 subclass says how to encode the input, run the body and read the prediction.
@@ -36,7 +36,7 @@ import math
 import torch
 from torch import nn
 
-from dfm_fused import _checks
+from dfm_fused import _checks, _decay_scope
 from dfm_fused.modules import FeedbackInput, StateUpdate
 from dfm_fused.unroll import checkpoint_mode, run_steps
 
@@ -152,6 +152,19 @@ class FeedbackLoop(nn.Module):
         check_every = _checks.integer("check_every", check_every, 1)
         if atol is not None:
             _checks.scalar("atol", atol, allow_negative=False)
+        # One call for the decay modules' scalar-decay decision: the QR at the first step tells
+        # the later ones (and the replays in backward) that Q is orthonormal.
+        with _decay_scope.call(new=True):
+            states = self._run(x, T, h0, return_all, atol, check_every)
+        with torch.no_grad():
+            self.T.fill_(self.steps_run)
+        self.state = states[-1].detach()
+        if return_all:
+            return [self.predict(s) for s in states]
+        return self.predict(states[-1])
+
+    def _run(self, x, T, h0, return_all, atol, check_every) -> list[torch.Tensor]:
+        """The frontend and the steps; returns the states to predict from."""
         z = self.encode(x)
         h = self.initial_state(z, h0)
         if self.reference_init and T >= 2:
@@ -168,12 +181,7 @@ class FeedbackLoop(nn.Module):
             self.steps_run += 1
             if not return_all:
                 states = states[-1:]
-        with torch.no_grad():
-            self.T.fill_(self.steps_run)
-        self.state = states[-1].detach()
-        if return_all:
-            return [self.predict(s) for s in states]
-        return self.predict(states[-1])
+        return states
 
     def _unroll(self, z, h, T, t0, return_all, checkpoint_last=False):
         def step(x, state, t):

@@ -10,9 +10,8 @@ feedback projection plus the concat with the input.
 from __future__ import annotations
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from dfm_fused import _checks
+from dfm_fused import _checks, _decay_scope
 from dfm_fused import functional as F
 from dfm_fused._recompute import is_recomputing
 
@@ -28,43 +27,26 @@ def _step_index(name: str, T):
     return T
 
 
-def _written_state(p: torch.Tensor) -> tuple:
-    """What changes whenever ``p``'s values may have: its version counter (bumped by every
-    in-place write, optimizer steps included) and its storage, dtype and device."""
-    return (p._version, p.data_ptr(), p.dtype, p.device)
-
-
-# Optimizer steps taken so far, by any torch.optim optimizer. Fused optimizers (fused=True)
-# write parameters without moving their version counters, so a QR's mark is valid only until
-# the next optimizer step.
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
 def _capturing() -> bool:
     """Whether the current CUDA stream is being captured into a CUDA graph."""
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def _is_uniform(S: torch.Tensor) -> bool:
-    """Whether ``|S|`` (so ``|S|**alpha``) is one value."""
-    with torch.no_grad():
-        magnitude = S.detach().abs()
-        return bool((magnitude == magnitude[:1]).all())
+def _promise(scalar_decay):
+    if scalar_decay is not None and not isinstance(scalar_decay, bool):
+        raise TypeError(f"scalar_decay: expected None or a bool; got {type(scalar_decay).__name__} {scalar_decay!r}")
+    return scalar_decay
 
 
 class _DecayParameters(torch.nn.Module):
     """The parameters of the exponential decay, registered as the reference registers them."""
 
-    # False while the caller re-orthogonalises Q itself before each training forward:
+    # False while the caller re-orthogonalises Q itself right before each training forward:
     # dfm_fused.capture does, when the QR cannot be captured into a CUDA graph.
     qr_in_forward = True
+    # While a CUDA graph is made, the answer of uniform_S() read before it (S cannot be read
+    # during a capture); None there means the general path. Set and checked by dfm_fused.capture.
+    baked_uniform_S: bool | None = None
 
     def __init__(self, filters: int, tau: float, alpha: float):
         super().__init__()
@@ -82,32 +64,6 @@ class _DecayParameters(torch.nn.Module):
         self.Qinv = torch.nn.Parameter(torch.empty((filters, filters), dtype=torch.float32))
         torch.nn.init.orthogonal_(self.Q)
         torch.nn.init.orthogonal_(self.Qinv)
-        self._uniform_S = (_written_state(self.S), True)
-
-    def _apply(self, fn, *args, **kwargs):
-        # A move or cast maps equal values to equal ones: a uniform S stays uniform, and Q stays
-        # the QR's output when its dtype is kept (a cast rounds it to another precision).
-        uniform = self._known_uniform_S()
-        mark = getattr(self, "_orthonormal_Q", None)
-        orthonormal = mark is not None and mark[0] == _written_state(self.Q)
-        dtype = self.Q.dtype
-        module = super()._apply(fn, *args, **kwargs)
-        if uniform is not None:
-            self._uniform_S = (_written_state(self.S), uniform)
-        if orthonormal and self.Q.dtype == dtype:
-            self._orthonormal_Q = (_written_state(self.Q), *mark[1:])
-        return module
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        source = state_dict.get(prefix + "S")
-        if isinstance(source, torch.Tensor) and source.shape == self.S.shape:
-            # Judged on the checkpoint's copy (usually on the CPU): no device sync.
-            self._uniform_S = (_written_state(self.S), _is_uniform(source))
-
-    def _known_uniform_S(self) -> bool | None:
-        cached = getattr(self, "_uniform_S", None)
-        return cached[1] if cached is not None and cached[0] == _written_state(self.S) else None
 
     @staticmethod
     def reorthogonalize(p: torch.Tensor) -> None:
@@ -115,55 +71,62 @@ class _DecayParameters(torch.nn.Module):
         with torch.no_grad():
             p.copy_(torch.linalg.qr(p, mode="complete")[0])
 
-    def _begin_step(self, T) -> bool:
-        """Re-orthogonalise ``Q`` where the reference does; return whether the step may take
-        the scalar-decay path (``M = exp(t * Delta) I``, SPEC section 7)."""
-        # The reference re-orthogonalises at the first step of every training
-        # forward. A recomputation inside ``unroll``'s backward replays that step
-        # and must not do it a second time.
-        if self.training and T == 0 and self.qr_in_forward and not is_recomputing():
-            self.orthogonalize_Q()
-        return self._scalar_decay()
-
     def orthogonalize_Q(self) -> None:
         """The reference's re-orthogonalisation, done by a training forward at ``T == 0``:
         ``Q`` replaced in place by the Q factor of its complete QR decomposition."""
         self.reorthogonalize(self.Q)
-        # A QR captured into a CUDA graph is evidence only inside that capture: replays of
-        # the graph change Q (its optimizer step) without moving its version counter.
-        self._orthonormal_Q = (_written_state(self.Q), _capturing(), _OPTIMIZER_STEPS[0])
 
-    def _scalar_decay(self) -> bool:
-        """True in training mode while ``Q`` is the output of this module's own QR, unwritten
-        since (``load_state_dict``, ``.to()`` or an in-place write changes its version or
-        storage; a ``torch.optim`` step, fused ones included, ends it too), and ``|S|`` is
-        uniform. Then ``Q^T Q = I`` to rounding and the decay is one number per step. In eval
-        mode the module did no QR of its own in this forward: the general path runs.
+    def uniform_S(self) -> bool:
+        """Whether ``|S|`` (so ``|S|**alpha``) is one value, read now (a host read for a device ``S``)."""
+        return _decay_scope.Judgement(self.S).value()
 
-        A replayed step inside ``unroll``'s backward sees the same ``Q`` and ``S`` as its
-        forward, so it decides the same. Under ``torch.compile`` the general path runs.
-        Writes through ``Q.data`` and optimizers outside ``torch.optim`` that write memory
-        directly move no version counter and are not seen between a training forward's QR
-        and a later step of a training forward without one (every training forward starting
-        at ``t = 0`` re-orthogonalises first).
+    def _judge_S(self) -> _decay_scope.Judgement:
+        if _capturing() or self.baked_uniform_S is not None:
+            return _decay_scope.Judgement(value=bool(self.baked_uniform_S))
+        return _decay_scope.Judgement(self.S)
 
-        CUDA graphs: a replay writes tensors without moving version counters, so a decision
-        baked into a graph must hold for every replay. While capturing, only a training-mode
-        step whose QR was captured too takes the scalar path (every replay re-runs that QR);
-        an eval graph always runs the general path. Outside a capture, a QR made during one
-        is no evidence (the graph's replays may have changed ``Q`` since).
+    def _begin_step(self, T, scalar_decay: bool | None) -> bool:
+        """Re-orthogonalise ``Q`` where the reference does; return whether this step takes the
+        scalar-decay path (``M = exp(t * Delta) I``; docs/design.md, "The decay is usually a
+        scalar").
+
+        Decided per call (see :mod:`dfm_fused._decay_scope`), never from what earlier calls saw:
+
+        - ``scalar_decay`` given: the caller's own promise (or refusal), taken as it is;
+        - a step replayed in ``unroll``'s backward takes the decision its forward took;
+        - a training step at ``T == 0`` runs the QR (or, with ``qr_in_forward`` off, its caller
+          just did), so ``Q`` is orthonormal: the scalar path (``D = 1`` at ``T == 0``, whatever
+          ``S``), and ``|S|`` is judged on its values for the call's later steps;
+        - a later step of the same call (the loop of :func:`dfm_fused.unroll` or of a model)
+          takes the scalar path if that judgement found ``|S|`` uniform;
+        - anything else (eval, a hand-written loop past ``T == 0``, ``torch.compile``) takes the
+          general path.
         """
-        if torch.compiler.is_compiling() or not self.training:
-            return False
-        if getattr(self, "_orthonormal_Q", None) != (_written_state(self.Q), _capturing(), _OPTIMIZER_STEPS[0]):
-            return False
-        uniform = self._known_uniform_S()
-        if uniform is None:
-            # S written in place since construction, load_state_dict or a move: read once
-            # (one host sync for a device S), then cached until S changes again.
-            uniform = _is_uniform(self.S)
-            self._uniform_S = (_written_state(self.S), uniform)
-        return uniform
+        frame = _decay_scope.current_step()
+        if is_recomputing() and frame is not None and id(self) in frame.decisions:
+            return frame.decisions[id(self)]
+        # The reference re-orthogonalises at the first step of every training forward; a replay
+        # inside unroll's backward must not do it a second time.
+        runs_qr = self.training and T == 0 and not is_recomputing()
+        if runs_qr and self.qr_in_forward:
+            self.orthogonalize_Q()
+        if scalar_decay is not None:
+            decision = scalar_decay
+        elif torch.compiler.is_compiling():
+            decision = False
+        elif runs_qr:
+            judgement = self._judge_S()
+            call = _decay_scope.current_call()
+            if call is not None:
+                call.judged[id(self)] = judgement
+            decision = judgement.value() if judgement.known else True
+        else:
+            call = _decay_scope.current_call()
+            judgement = call.judged.get(id(self)) if call is not None else None
+            decision = judgement is not None and judgement.value()
+        if frame is not None:
+            frame.decisions[id(self)] = decision
+        return decision
 
     def extra_repr(self) -> str:
         return f"filters={self.filters}"
@@ -205,7 +168,11 @@ class StateExpDecay(_DecayParameters):
             self.S.requires_grad_(True)
         self.state = torch.zeros((1, self.filters, *shape), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, T=5) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, T=5, *, scalar_decay: bool | None = None) -> torch.Tensor:
+        """``x`` (B, C, H, W) at step ``T``. ``scalar_decay``: ``None`` (default) lets the module
+        decide (see ``_begin_step``); ``True`` is the caller's promise that ``Q`` is orthonormal and
+        ``|S|`` uniform, ``False`` forces the general path (``output_map="QT"`` only)."""
+        scalar_decay = _promise(scalar_decay)
         t = self.T * _step_index("T", T)
         if self.output_map == "Qinv":
             F.check_general_exp_decay(x, self.Q, self.Qinv, self.S, t, self.tau, self.alpha, self.backward,
@@ -213,7 +180,7 @@ class StateExpDecay(_DecayParameters):
             return F.run_general_exp_decay(x, self.Q, self.Qinv, self.S, t, self.tau, self.alpha, self.backward)
         # Checked before the QR of _begin_step, so bad input changes nothing.
         F.check_exp_decay(x, self.Q, self.S, t, self.tau, self.alpha, filters=self.filters)
-        scalar = self._begin_step(T)
+        scalar = self._begin_step(T, scalar_decay)
         return F.run_exp_decay(x, self.Q, self.S, t, self.tau, self.alpha, scalar_decay=scalar)
 
     def extra_repr(self) -> str:
@@ -237,12 +204,14 @@ class StateUpdate(_DecayParameters):
         self.groups = groups
         self.eps = float(eps)
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor, t=0) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, y: torch.Tensor, t=0, *, scalar_decay: bool | None = None) -> torch.Tensor:
+        """``h``, ``y`` (B, C, H, W) at step ``t``; ``scalar_decay`` as in :meth:`StateExpDecay.forward`."""
+        scalar_decay = _promise(scalar_decay)
         step_time = self.T * _step_index("t", t)
         # Checked before the QR of _begin_step, so bad input changes nothing.
         F.check_state_update(h, y, self.Q, self.S, step_time, self.tau, self.alpha, self.groups, self.eps,
                              filters=self.filters)
-        scalar = self._begin_step(t)
+        scalar = self._begin_step(t, scalar_decay)
         return F.run_state_update(h, y, self.Q, self.S, step_time, self.tau, self.alpha, self.groups, self.eps,
                                   scalar_decay=scalar)
 

@@ -1,4 +1,4 @@
-"""``unroll``: the T-step DFM loop with a memory-saving backward (SPEC section 3).
+"""``unroll``: the T-step DFM loop with a memory-saving backward (docs/design.md, "The memory-saving unroll").
 
 Three modes (``checkpoint=``):
 
@@ -39,7 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from dfm_fused import _checks
+from dfm_fused import _checks, _decay_scope
 from dfm_fused._recompute import KeptOutputs, StepStates, _copy_all, tracked_tensors
 from dfm_fused.modules import _DecayParameters
 
@@ -110,9 +110,17 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
     in all rather than one per chunk)."""
     if T == 0:
         return [] if return_states else h0
-    if mode is False or not torch.is_grad_enabled():
-        with _restored_on_error(module):
-            return _plain_unroll(step, x, h0, T, return_states)
+    # The decay modules' scalar-decay decisions: one call for the whole loop (joined if the
+    # caller, a model's forward, opened it), one frame per step that its replay re-enters.
+    with _decay_scope.call() as call:
+        if mode is False or not torch.is_grad_enabled():
+            with _restored_on_error(module):
+                return _plain_unroll(step, x, h0, T, return_states, call)
+        return _checkpointed_unroll(step, x, h0, T, mode, return_states, module, preserve_rng_state,
+                                    checkpoint_last, call)
+
+
+def _checkpointed_unroll(step, x, h0, T, mode, return_states, module, preserve_rng_state, checkpoint_last, call):
     selective = mode == "selective"
     # During CUDA-graph capture, torch.utils.checkpoint cannot read the CUDA RNG state
     # (torch.cuda.get_rng_state raises): the replay then runs without restoring it, and the
@@ -124,11 +132,12 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
         states = StepStates(module, originals)
         for t in range(T):
             states.begin_step()
+            frame = _decay_scope.Step(call)
             if mode is True and t == T - 1 and not checkpoint_last:
-                h_next = step(x, h, t)
+                h_next = _in_frame(frame, step, x, h, t)
             else:
                 h_next = _checkpoint(
-                    step, x, h, t, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                    _in_frame, frame, step, x, h, t, use_reentrant=False, preserve_rng_state=preserve_rng_state,
                     context_fn=functools.partial(_contexts, states, t, selective, mode, guard_rng),
                 )
             states.end_step()
@@ -138,6 +147,12 @@ def run_steps(step, x, h0, T, mode, return_states, module, preserve_rng_state=Tr
                 outputs.append(h)
         states.finish()
     return outputs if return_states else h
+
+
+def _in_frame(frame: _decay_scope.Step, step, x, h, t):
+    """``step(x, h, t)`` in its decision frame (the forward records, the replay reads)."""
+    with _decay_scope.step(frame):
+        return step(x, h, t)
 
 
 def _contexts(states: StepStates, t: int, selective: bool, mode, guard_rng: bool):
@@ -191,22 +206,27 @@ def _restored_on_error(module):
     tracked = tracked_tensors(module)
     decays = [m.Q for m in module.modules() if isinstance(m, _DecayParameters)] if module is not None else []
     originals = {id(t): t.detach().clone() for t in tracked + decays}
-    decay_versions = [Q._version for Q in decays]
+    decay_versions = [_version(Q) for Q in decays]
     try:
         yield originals
     except BaseException:
         # Buffers through ``.data`` (see ``_copy_all``): BatchNorm updates its statistics
         # without moving their versions, and a graph outside the loop may have saved them.
         _copy_all(tracked, [originals[id(t)] for t in tracked])
-        # ``Q`` by a plain in-place copy, so its version moves: a decay module takes its
-        # scalar-decay path only while ``Q``'s version is that of its own QR output, and the
-        # ``Q`` put back is the one before the QR. Only a ``Q`` the loop wrote (the QR moved its
-        # version, so no graph still usable saved it) is put back.
+        # ``Q`` by a plain in-place copy, so its version moves (a graph that saved the QR's
+        # output must not be used with the ``Q`` from before it). Only a ``Q`` the loop wrote
+        # (the QR moved its version, so no graph still usable saved it) is put back.
         with torch.no_grad():
             for Q, version in zip(decays, decay_versions):
-                if Q._version != version:
+                if _version(Q) != version:
                     Q.copy_(originals[id(Q)])
         raise
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter; ``None`` for an inference tensor, which has none (and cannot be
+    written outside inference mode, so it needs no restoring)."""
+    return None if t.is_inference() else t._version
 
 
 def _owning_module(step) -> torch.nn.Module | None:
@@ -232,10 +252,10 @@ def _check_next_state(h_next, h, t: int) -> None:
         )
 
 
-def _plain_unroll(step, x, h0, T, return_states):
+def _plain_unroll(step, x, h0, T, return_states, call):
     states, h = [], h0
     for t in range(T):
-        h_next = step(x, h, t)
+        h_next = _in_frame(_decay_scope.Step(call), step, x, h, t)
         _check_next_state(h_next, h, t)
         h = h_next
         if return_states:

@@ -282,3 +282,23 @@ def _baked_only(self, S=None, value=None):
     if value is None:
         raise AssertionError("S read during a capture")
     self._value, self._host, self._event = value, None, None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_decision_adds_no_blocking_read_on_cuda(monkeypatch):
+    """On CUDA the |S| judgement is queued beside the QR and copied to pinned memory without
+    blocking, and read at step 1 after an event wait: a training forward and backward run under
+    ``set_sync_debug_mode("error")`` and take the scalar path at every step (not run on a GPU yet)."""
+    seen = _record(monkeypatch)
+    model = _generator(True).cuda().train()
+    z = torch.randn(4, 3, 4, 4, device="cuda")
+    model(z, 3).sum().backward()  # warm-up: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    seen.clear()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(z, 3).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert seen[:3] == [True, True, True]

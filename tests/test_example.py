@@ -93,7 +93,11 @@ def test_study_quick_writes_figures_and_finite_results(tmp_path, capsys):
     assert saved["table"] == json.loads(json.dumps(results["table"]))
     config = saved["config"]
     assert [(r["n"], r["sigma"]) for r in saved["table"]] == [(n, s) for n in config["sizes"] for s in config["sigmas"]]
-    assert len(saved["runs"]) == 2 * config["seeds"] * len(config["sizes"]) * len(config["lrs"])
+    # seed 0 over the whole grid, the other seeds at the rate picked
+    assert len(saved["runs"]) == 2 * len(config["sizes"]) * (len(config["lrs"]) + config["seeds"] - 1)
+    for row in saved["table"]:
+        for model in ("feedforward", "dfm"):
+            assert len(set(row["picked_lr"][model])) == 1 and row["picked_lr"][model][0] in config["lrs"]
     for row in saved["table"]:
         for model in ("feedforward", "dfm"):
             assert len(row[model]["per_seed"]) == config["seeds"]

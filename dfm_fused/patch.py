@@ -33,7 +33,8 @@ def patch(model: nn.Module, strict: bool = True) -> dict[str, nn.Module]:
 
     Candidates are modules with the parameters ``Q`` (C, C), ``S`` (C,) and 0-d ``tau``,
     ``alpha`` and ``T``. Each is replaced only by a fused configuration shown to compute
-    what it computes (see :mod:`dfm_fused._patch_probe`): ``output_map="QT"`` for
+    what it computes, at the module's own parameter values and at randomised ``S``, ``T``,
+    ``tau``, ``alpha`` (see :mod:`dfm_fused._patch_probe`): ``output_map="QT"`` for
     ``dfbmodels.state.StateExpDecay`` (and :class:`dfm_fused.reference.StateExpDecay`),
     ``output_map="Qinv", backward="neumann"`` for ``feedback_segmentation``'s
     ``StateExpDecay``, ``output_map="Qinv"`` for a general mix with the exact backward.

@@ -1,0 +1,437 @@
+"""Static checks of dfm_fused's GPU code on a machine without a GPU.
+
+Every GPU kernel must compile for the GPUs users have and fit their resources. Two checks, each
+printing one row per kernel (registers per thread, spill stores/loads in bytes, shared memory per
+block in bytes, for each architecture) and exiting non-zero on a compile error, a register spill,
+shared memory over the architecture's limit, or a kernel it could not measure:
+
+``triton``: compiles every Triton kernel of dfm_fused, for every dtype, specialisation and
+autotune config the backends launch, for sm_90 and sm_80 (``triton.compile`` for a target needs no
+GPU), and reads triton's own ``ptxas -v`` log of each compile (the ptxas, flags and target triton
+uses). The shared memory is the block's (``metadata.shared``). A kernel must also have a config
+within 99 KiB, the block limit of sm_86, sm_89 and sm_120, or it could not run there at all.
+
+``cuda``: the CUDA extension's kernels (csrc/cuda) as built: the kernels each architecture's
+cubin in the library holds (``cuobjdump -res-usage``: registers, static shared memory) and their
+spills from the build log, which nvcc writes with ``--resource-usage``
+(``DFM_FUSED_PTXAS_VERBOSE=1 bash scripts/build_wheel.sh > log``). Every kernel in the library
+must appear in the log with the same register count. The kernels launch with no dynamic shared
+memory, so their static shared memory is all they use; its limit is 48 KiB on every GPU.
+
+Usage (from the repository root):
+  PYTHONPATH=. python scripts/check_gpu_compile.py triton [--arch 90,80] [--quick] [--only SUBSTRING] [--jobs N]
+  python scripts/check_gpu_compile.py cuda --log BUILD_LOG (--wheel WHEEL | --library _C.so)
+--quick: the first config of each kernel only; --only: kernels whose label contains SUBSTRING.
+The Triton check needs triton >= 3.3 (ASTSource with tuple-keyed constexprs) and imports the
+dfm_fused it finds (PYTHONPATH=. for the source tree); the CUDA check needs cuobjdump (the CUDA
+toolkit's, or the one triton ships) and c++filt for readable names.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+KIB = 1024
+# Shared memory one block may use (dynamic, opted in), per compute capability (CUDA programming
+# guide, "Technical specifications per compute capability").
+BLOCK_SHARED_LIMIT = {80: 163 * KIB, 86: 99 * KIB, 89: 99 * KIB, 90: 227 * KIB, 100: 227 * KIB, 120: 99 * KIB}
+# The smallest of those among the release GPUs: a Triton kernel needs one config within it.
+SMALLEST_SHARED_LIMIT = min(BLOCK_SHARED_LIMIT.values())
+# Static __shared__ arrays: 48 KiB per block on every GPU.
+STATIC_SHARED_LIMIT = 48 * KIB
+TRITON_ARCHS = (90, 80)
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+@dataclass
+class Usage:
+    """What ptxas reports for one kernel on one architecture; None where it said nothing."""
+
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared: int | None = None
+
+    def measured(self) -> bool:
+        return None not in (self.registers, self.spill_stores, self.spill_loads)
+
+
+def parse_ptxas_log(text: str) -> tuple[dict[tuple[str, str], Usage], dict[str, tuple[int, int]]]:
+    """``ptxas -v`` output -> ({(arch, entry): Usage}, {function: (spill stores, loads)}).
+
+    The first holds every entry function (kernel) ptxas compiled; shared memory is its static
+    ``smem`` (0 when ptxas names none). The second holds the spills of every function whose
+    properties ptxas printed, entries and non-inlined device functions alike.
+    """
+    kernels: dict[tuple[str, str], Usage] = {}
+    spills: dict[str, tuple[int, int]] = {}
+    entry = properties_of = None
+    for line in text.splitlines():
+        if m := _ENTRY.search(line):
+            entry = (m.group(2), m.group(1))
+            kernels[entry] = Usage()
+        elif m := _PROPERTIES.search(line):
+            properties_of = m.group(1)
+        elif m := _FRAME.search(line):
+            stores, loads = int(m.group(2)), int(m.group(3))
+            if properties_of is not None:
+                previous = spills.get(properties_of, (0, 0))
+                spills[properties_of] = (max(previous[0], stores), max(previous[1], loads))
+            if entry is not None and properties_of == entry[1]:
+                kernels[entry].spill_stores, kernels[entry].spill_loads = stores, loads
+            properties_of = None
+        elif (m := _USED.search(line)) and entry is not None:
+            usage = kernels[entry]
+            usage.registers = int(m.group(1))
+            smem = _SMEM.search(line)
+            usage.shared = int(smem.group(1)) if smem else 0
+            entry = None
+    return kernels, spills
+
+
+def parse_resource_usage(text: str) -> dict[tuple[str, str], dict[str, int]]:
+    """``cuobjdump -res-usage`` output -> {(arch, kernel): {"REG": .., "SHARED": .., "STACK": .., ...}}."""
+    usage: dict[tuple[str, str], dict[str, int]] = {}
+    arch = function = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if m := re.fullmatch(r"arch = (sm_\w+)", stripped):
+            arch = m.group(1)
+        elif m := re.fullmatch(r"Function (\S+):", stripped):
+            function = m.group(1)
+        elif function is not None and stripped.startswith("REG:"):
+            if arch is None:
+                raise ValueError(f"cuobjdump: resource usage of {function} before any 'arch =' line")
+            usage[(arch, function)] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", stripped)}
+            function = None
+    return usage
+
+
+def arch_number(arch: str) -> int:
+    """'sm_90' / 'sm_90a' -> 90."""
+    m = re.fullmatch(r"sm_(\d+)[a-z]?", arch)
+    if not m:
+        raise ValueError(f"architecture: expected sm_<number>; got {arch!r}")
+    return int(m.group(1))
+
+
+def problems_of(usage: Usage, shared_limit: int) -> list[str]:
+    """Why a measured kernel fails the check (empty when it passes)."""
+    if not usage.measured():
+        return ["not measured (ptxas reported no registers or spills)"]
+    found = []
+    if usage.spill_stores or usage.spill_loads:
+        found.append(f"spills {usage.spill_stores} B stored / {usage.spill_loads} B loaded")
+    if usage.shared is None:
+        found.append("shared memory not measured")
+    elif usage.shared > shared_limit:
+        found.append(f"shared memory {usage.shared} B > {shared_limit} B")
+    return found
+
+
+def print_table(title: str, rows: list[tuple[str, dict[str, Usage], list[str]]], archs: list[str]) -> None:
+    """One row per kernel: for each arch registers, spill stores/loads (bytes), shared memory (bytes)."""
+    print(f"\n{title}")
+    first = max([len("kernel")] + [len(name) for name, _, _ in rows])
+    cells = [f"{a + ': regs spill(st/ld) smem':>36}" for a in archs]
+    print(f"{'kernel':<{first}} | " + " | ".join(cells) + " | result")
+    print("-" * (first + 3 + 39 * len(archs) + 10))
+    for name, per_arch, problems in rows:
+        out = []
+        for arch in archs:
+            u = per_arch.get(arch)
+            if u is None:
+                out.append(f"{'-':>36}")
+                continue
+            regs = "?" if u.registers is None else str(u.registers)
+            spill = "?" if u.spill_stores is None else f"{u.spill_stores}/{u.spill_loads}"
+            smem = "?" if u.shared is None else str(u.shared)
+            out.append(f"{regs:>12} {spill:>13} {smem:>9}")
+        print(f"{name:<{first}} | " + " | ".join(out) + " | " + ("; ".join(problems) if problems else "ok"))
+
+
+# ------------------------------------------------------------------------------------------ Triton
+
+
+def triton_cases():
+    """(label, autotuner, signature, constexprs) for every kernel variant the Triton backends launch."""
+    from dfm_fused.ops._triton import channel as decay
+    from dfm_fused.ops._triton import group_norm as norm
+    from dfm_fused.ops.feedback_input import triton_kernels as feedback
+
+    for dt, p in {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}.items():
+        for has_norm, has_res in ((False, False), (True, True)):
+            # M is in the input's half type or float32; out is the input type or float32 (grad_n).
+            sig = dict(x=p, m=p, h=p, scale="*fp32", shift="*fp32", out=p, N="i32", HW="i32", C="i32")
+            for precision in ("ieee", "tf32") if dt == "fp32" else ("tf32",):
+                const = dict(HAS_NORM=has_norm, HAS_RESIDUAL=has_res, INPUT_PRECISION=precision)
+                yield f"channel_matmul[{dt},norm={has_norm},{precision}]", decay.channel_matmul_kernel, sig, const
+        for has_norm in (False, True):
+            sig = dict(x=p, g=p, scale="*fp32", shift="*fp32", part="*fp32", N="i32", HW="i32", C="i32",
+                       SPLIT_LEN="i32")
+            for precision in ("ieee", "tf32") if dt == "fp32" else ("tf32",):
+                const = dict(HAS_NORM=has_norm, HALF_DOT=dt != "fp32", INPUT_PRECISION=precision)
+                yield f"channel_outer[{dt},norm={has_norm},{precision}]", decay.channel_outer_kernel, sig, const
+        yield (f"group_stats[{dt}]", norm.group_stats_kernel,
+               dict(y=p, mean="*fp32", rstd="*fp32", L="i32", eps="fp32"), {})
+        yield (f"group_norm_backward[{dt}]", norm.group_norm_backward_kernel,
+               dict(dn="*fp32", y=p, mean="*fp32", rstd="*fp32", dy=p, L="i32"), {})
+        geo = dict(Ch="i32", offset="i32", Hi="i32", Wi="i32", H="i32", W="i32", CG="i32", G="i32",
+                   scale_h="fp32", scale_w="fp32")
+        yield (f"feedback_stats[{dt}]", feedback.feedback_stats_kernel,
+               dict(h=p, mean="*fp32", rstd="*fp32", **geo, eps="fp32"), {})
+        for block_f in (8, 256, feedback.MAX_FB):
+            yield (f"feedback_forward[{dt},BLOCK_F={block_f}]", feedback.feedback_forward_kernel,
+                   dict(x=p, h=p, mean="*fp32", rstd="*fp32", out=p, Cx="i32", **geo), dict(BLOCK_F=block_f))
+            yield (f"feedback_backward[{dt},BLOCK_F={block_f}]", feedback.feedback_backward_kernel,
+                   dict(grad=p, h=p, mean="*fp32", rstd="*fp32", dn="*fp32", n="*fp32", part="*fp32", Cx="i32",
+                        **geo, n_pb="i32"), dict(BLOCK_F=block_f))
+        for block_kw in (8, 32):
+            sig = dict(dn="*fp32", n="*fp32", coef="*fp32", grad_h=p, Ch="i32", offset="i32", fb="i32", Hi="i32",
+                       Wi="i32", H="i32", W="i32", scale_h="fp32", scale_w="fp32", inv_scale_h="fp32",
+                       inv_scale_w="fp32", KH="i32")
+            yield (f"feedback_grad_h[{dt},BLOCK_KW={block_kw}]", feedback.feedback_grad_h_kernel, sig,
+                   dict(BLOCK_KW=block_kw))
+
+
+def _configs(tuner, const):
+    configs = tuner.configs
+    if tuner.early_config_prune is not None:
+        configs = tuner.early_config_prune(configs, {}, **const)
+    return configs
+
+
+def _compile_triton(job: tuple[int, int, int]) -> tuple[str, int, Usage | None, str]:
+    """Compile config ``config_index`` of case ``case_index`` for ``arch``: (config text, arch, usage, error)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    case_index, config_index, arch = job
+    name, tuner, sig, const = list(triton_cases())[case_index]
+    config = _configs(tuner, const)[config_index]
+    fn = tuner.fn
+    full = {**const, **config.kwargs}
+    missing = [a for a in fn.arg_names if a not in sig and a not in full]
+    if missing:
+        raise ValueError(f"{name}: the check gives no value for {missing}")
+    signature = {a: sig[a] if a in sig else "constexpr" for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in full.items()})
+    text = f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}"
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas's report here
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    except Exception as exc:  # every failing config is reported, then the check fails
+        lines = str(exc).strip().splitlines()
+        return text, arch, None, f"compile error: {type(exc).__name__}: {lines[-1] if lines else ''}"
+    kernels, _ = parse_ptxas_log(log.getvalue())
+    entries = [usage for (sm, entry), usage in kernels.items()
+               if entry == kernel.metadata.name and arch_number(sm) == arch]
+    if len(entries) != 1:
+        return text, arch, None, (f"not measured: triton's ptxas log names {len(entries)} entries "
+                                  f"'{kernel.metadata.name}' for sm_{arch} (log: {log.getvalue()[-300:]!r})")
+    usage = entries[0]
+    usage.shared = kernel.metadata.shared  # the block's (dynamic) shared memory, which ptxas does not see
+    return text, arch, usage, ""
+
+
+def check_triton(archs: list[int], quick: bool, only: str, jobs: int) -> int:
+    for var, bad in (("TRITON_INTERPRET", "1"), ("DFM_FUSED_AUTOTUNE", "0")):
+        if os.environ.get(var) == bad:
+            raise SystemExit(f"{var}={bad} narrows the kernels' configs to one; unset it for this check")
+    # Read by triton when it compiles: recompile (no cache hit, which runs no ptxas) and print
+    # ptxas's -v report; a fresh cache leaves the user's untouched.
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="dfm_fused_triton_check_")
+    import triton
+
+    cases = list(triton_cases())
+    jobs_list, labels = [], {}
+    for i, (name, tuner, _, const) in enumerate(cases):
+        if only not in name:
+            continue
+        configs = _configs(tuner, const)
+        for j in range(1 if quick else len(configs)):
+            labels[(i, j)] = name
+            jobs_list += [(i, j, arch) for arch in archs]
+    if not jobs_list:
+        raise SystemExit(f"--only {only!r}: no Triton kernel label contains it")
+    print(f"triton {triton.__version__}: compiling {len(labels)} kernel configs for "
+          f"{', '.join(f'sm_{a}' for a in archs)} ({jobs} processes)", flush=True)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(_compile_triton, jobs_list))
+    rows, failures = {}, 0
+    best_shared: dict[str, int] = {}
+    for (i, j, arch), (text, _, usage, error) in zip(jobs_list, results):
+        key = (i, j)
+        label = f"{labels[key]} {text}"
+        _, per_arch, problems = rows.setdefault(key, (label, {}, []))
+        if usage is None:
+            problems.append(f"sm_{arch}: {error}")
+            continue
+        per_arch[f"sm_{arch}"] = usage
+        problems += [f"sm_{arch}: {p}" for p in problems_of(usage, BLOCK_SHARED_LIMIT[arch])]
+        if usage.shared is not None:
+            best_shared[labels[key]] = min(best_shared.get(labels[key], usage.shared), usage.shared)
+    table = list(rows.values())
+    failures = sum(1 for _, _, problems in table if problems)
+    print_table("Triton kernels: registers, spill stores/loads (bytes), shared memory per block (bytes)",
+                table, [f"sm_{a}" for a in sorted(archs)])
+    too_big = sorted(name for name, shared in best_shared.items() if shared > SMALLEST_SHARED_LIMIT)
+    for name in too_big:
+        print(f"FAIL {name}: no config within {SMALLEST_SHARED_LIMIT} B of shared memory (sm_86, sm_89, sm_120)")
+    failures += len(too_big)
+    print(f"Triton: {len(table)} configs, {failures} failure(s)")
+    return 1 if failures else 0
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+
+
+def find_cuobjdump() -> str:
+    """cuobjdump: $CUOBJDUMP, the CUDA toolkit's ($CUDA_HOME/bin, PATH), or the one triton ships."""
+    candidates = [os.environ.get("CUOBJDUMP", ""),
+                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+                  shutil.which("cuobjdump") or ""]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    raise SystemExit("cuobjdump not found: set CUOBJDUMP, or install the CUDA toolkit's or triton's")
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    """Mangled kernel name -> a short readable one (c++filt, then namespaces and parameters dropped)."""
+    if not names or shutil.which("c++filt") is None:
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    short = {}
+    for name, readable in zip(names, out.splitlines()):
+        readable = re.sub(r"^void ", "", readable)
+        depth = 0
+        for k in range(len(readable) - 1, -1, -1):  # drop the trailing "(parameters)"
+            depth += {")": 1, "(": -1}.get(readable[k], 0)
+            if depth == 0 and readable[k] == "(":
+                readable = readable[:k]
+                break
+        short[name] = readable.replace("dfm_fused::cuda::", "").replace("c10::", "")
+    return short
+
+
+def cuda_report(log_text: str, resource_text: str):
+    """The CUDA check on a build log and cuobjdump's ``-res-usage`` of the library built with it.
+
+    Returns (rows, failures, archs): a table row per kernel (name, {arch: Usage}, problems), the
+    failure messages (rows with problems, and device functions that spill), and the architectures.
+    """
+    binary = parse_resource_usage(resource_text)
+    if not binary:
+        return [], ["cuobjdump found no CUDA kernels in the library (built without CUDA?)"], []
+    logged, spills = parse_ptxas_log(log_text)
+    short = demangle(sorted({name for _, name in binary}))
+    names = sorted(short, key=short.get)
+    archs = sorted({arch for arch, _ in binary}, key=arch_number)
+    rows, failures = [], []
+    for name in names:
+        per_arch, problems = {}, []
+        for arch in archs:
+            if (arch, name) not in binary:
+                continue
+            in_binary = binary[(arch, name)]
+            usage = logged.get((arch, name))
+            if usage is None:
+                problems.append(f"{arch}: not in the build log (built without DFM_FUSED_PTXAS_VERBOSE=1?)")
+                per_arch[arch] = Usage(registers=in_binary["REG"], shared=in_binary["SHARED"])
+                continue
+            usage.shared = in_binary["SHARED"]
+            per_arch[arch] = usage
+            if usage.registers != in_binary["REG"]:
+                problems.append(f"{arch}: the log's {usage.registers} registers are not the library's "
+                                f"{in_binary['REG']} (a log of another build?)")
+            problems += [f"{arch}: {p}" for p in problems_of(usage, STATIC_SHARED_LIMIT)]
+        rows.append((short[name], per_arch, problems))
+        failures += [f"{short[name]}: {p}" for p in problems]
+    # Spills in non-inlined device functions count against the kernels that call them.
+    kernels = {name for _, name in binary}
+    for function, (stores, loads) in sorted(spills.items()):
+        if (stores or loads) and function not in kernels:
+            failures.append(f"device function {demangle([function])[function]}: spills {stores} B / {loads} B")
+    return rows, failures, archs
+
+
+def check_cuda(log_path: Path, library: Path) -> int:
+    resource_text = subprocess.run([find_cuobjdump(), "-res-usage", str(library)], capture_output=True, text=True,
+                                   check=True).stdout
+    rows, failures, archs = cuda_report(log_path.read_text(errors="replace"), resource_text)
+    if rows:
+        print_table(f"CUDA kernels ({library.name}): registers, spill stores/loads (bytes), "
+                    "static shared memory (bytes)", rows, archs)
+    for failure in failures:
+        print(f"FAIL {failure}")
+    print(f"CUDA: {len(rows)} kernels x {len(archs)} architectures ({', '.join(archs)}), {len(failures)} failure(s)")
+    return 1 if failures else 0
+
+
+def extension_from_wheel(wheel: Path, into: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist() if re.fullmatch(r"dfm_fused/_C[^/]*\.(so|pyd)", n)]
+        if len(members) != 1:
+            raise SystemExit(f"{wheel}: expected one dfm_fused/_C*.so in the wheel; found {members}")
+        return Path(zf.extract(members[0], into))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="check", required=True)
+    tri = sub.add_parser("triton", help="compile every Triton kernel config for sm_90 and sm_80")
+    tri.add_argument("--arch", default=",".join(map(str, TRITON_ARCHS)),
+                     help=f"compute capabilities, comma-separated (default {','.join(map(str, TRITON_ARCHS))})")
+    tri.add_argument("--quick", action="store_true", help="the first config of each kernel only")
+    tri.add_argument("--only", default="", help="kernels whose label contains this")
+    tri.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
+    cu = sub.add_parser("cuda", help="the CUDA extension's kernels, from a built library and its build log")
+    cu.add_argument("--log", type=Path, required=True, help="the build's output (DFM_FUSED_PTXAS_VERBOSE=1)")
+    src = cu.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wheel", type=Path, help="a built wheel")
+    src.add_argument("--library", type=Path, help="a built dfm_fused/_C*.so")
+    args = parser.parse_args(argv)
+    if args.check == "triton":
+        archs = [int(a) for a in args.arch.split(",")]
+        unknown = [a for a in archs if a not in BLOCK_SHARED_LIMIT]
+        if unknown:
+            parser.error(f"--arch: expected capabilities among {sorted(BLOCK_SHARED_LIMIT)}; got {unknown}")
+        if args.jobs < 1:
+            parser.error(f"--jobs: expected >= 1; got {args.jobs}")
+        return check_triton(archs, args.quick, args.only, args.jobs)
+    if args.wheel is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return check_cuda(args.log, extension_from_wheel(args.wheel, Path(tmp)))
+    return check_cuda(args.log, args.library)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

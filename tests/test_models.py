@@ -62,10 +62,11 @@ def _assert_statistics_match(model, case):
         assert rel_err(state[name], expected) < TOL, name
 
 
+@pytest.mark.parametrize("source", golden_module.SOURCES)
 @pytest.mark.parametrize("checkpoint", [True, False], ids=["memory-saving", "full-graph"])
 @pytest.mark.parametrize("index", [0, 1], ids=["training", "eval"])
-def test_resnet18_matches_golden(index, checkpoint):
-    golden = load_golden()
+def test_resnet18_matches_golden(index, checkpoint, source):
+    golden = load_golden(source)
     case = golden["cases"][index]
     model = _golden_model(models.ResNet18, golden, checkpoint=checkpoint)
     logits = _run_golden(model, case)
@@ -74,10 +75,11 @@ def test_resnet18_matches_golden(index, checkpoint):
     _assert_statistics_match(model, case)
 
 
+@pytest.mark.parametrize("source", golden_module.SOURCES)
 @pytest.mark.parametrize("index", [0, 1], ids=["training", "eval"])
-def test_resnet18_float64_matches_golden_float64(index):
+def test_resnet18_float64_matches_golden_float64(index, source):
     """In float64 the fused model reproduces the reference's float64 run: every tensor to 1e-9."""
-    golden = load_golden()
+    golden = load_golden(source)
     case = golden["cases"][index]
     model = _golden_model(models.ResNet18, golden, torch.float64)
     logits = _run_golden(model, case, torch.float64)
@@ -87,9 +89,10 @@ def test_resnet18_float64_matches_golden_float64(index):
     assert not bad, f"relative errors against float64 above {FLOAT64_TOL:g}: {bad}"
 
 
+@pytest.mark.parametrize("source", golden_module.SOURCES)
 @pytest.mark.parametrize("index", [0, 1], ids=["training", "eval"])
-def test_reference_transcription_matches_golden_and_fused(index):
-    golden = load_golden()
+def test_reference_transcription_matches_golden_and_fused(index, source):
+    golden = load_golden(source)
     case = golden["cases"][index]
     ref = _golden_model(ReferenceResNet18, golden)
     fused = _golden_model(models.ResNet18, golden)
@@ -103,21 +106,92 @@ def test_reference_transcription_matches_golden_and_fused(index):
     assert rel_err(fused.state, ref.state) < TOL
 
 
-@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), (None, pytest.skip.Exception)])
-def test_missing_golden_file_fails_in_ci_and_skips_elsewhere(ci, outcome, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ci", ["true", None])
+def test_missing_shared_golden_skips_even_in_ci(ci, tmp_path, monkeypatch):
+    """The shared file is an optional cross-check: missing, its tests skip, under CI=true too."""
     monkeypatch.setenv(golden_module.ENV, str(tmp_path / "missing.pt"))
     if ci is None:
         monkeypatch.delenv("CI", raising=False)
     else:
         monkeypatch.setenv("CI", ci)
-    # BaseException: pytest's skip and fail outcomes are not Exceptions; either one is caught here.
+    with pytest.raises(pytest.skip.Exception, match="missing.pt"):
+        load_golden("shared")
+
+
+def test_missing_in_repo_golden_fails(tmp_path):
+    # BaseException: pytest's fail outcome is not an Exception.
     with pytest.raises(BaseException) as raised:
-        load_golden()
-    assert raised.type is outcome and "missing.pt" in str(raised.value)
+        golden_module.read_in_repo(tmp_path / "missing.pt")
+    assert raised.type is pytest.fail.Exception and "missing.pt" in str(raised.value)
 
 
-def test_state_dict_keys_match_reference_checkpoint():
+def test_in_repo_golden_fails_on_weights_its_recipe_did_not_make(monkeypatch):
+    """One ulp off in one weight and the recorded SHA-256 no longer matches: a host whose fill
+    differs fails instead of comparing against other weights."""
+    fill = golden_module.recipe.fill_state_dict
+
+    def off_by_one_ulp(*args, **kwargs):
+        weights = fill(*args, **kwargs)
+        w = weights["conv1.weight"]
+        w[0, 0, 0, 0] = torch.nextafter(w[0, 0, 0, 0], torch.tensor(1.0))
+        return weights
+
+    monkeypatch.setattr(golden_module.recipe, "fill_state_dict", off_by_one_ulp)
+    with pytest.raises(BaseException) as raised:
+        golden_module.read_in_repo(golden_module.in_repo_path())
+    assert raised.type is pytest.fail.Exception and "SHA-256" in str(raised.value)
+
+
+def test_in_repo_golden_is_small_and_its_weights_are_not_special():
+    """At most 5 MiB; the weights the recipe fills: ``Q`` exactly orthogonal with ``Qinv`` its
+    transpose, non-trivial BatchNorm statistics and decay settings, the frozen GroupNorm affines
+    the identity, and both names of each shared tensor one value."""
+    assert golden_module.in_repo_path().stat().st_size <= 5 * 2**20
     golden = load_golden()
+    sd = golden["state_dict"]
+    q = sd["error_head.Q"].double()
+    assert torch.equal(q @ q.T, torch.eye(q.shape[0], dtype=torch.float64))
+    assert (q == 0).float().mean() < 0.1  # dense
+    assert torch.equal(sd["error_head.Qinv"], sd["error_head.Q"].T)
+    s = sd["error_head.S"]
+    assert (s > 0).any() and (s < 0).any() and s.abs().std() > 0.1
+    assert sd["error_head.alpha"].item() != 1 and sd["error_head.T"].item() != 1
+    for name in ("bn1", "layer4._orig_mod.1.bn2", "layer2._orig_mod.0.downsample.1"):
+        assert sd[f"{name}.running_mean"].abs().min() > 0 and (sd[f"{name}.running_var"] - 1).abs().min() > 0
+        assert sd[f"{name}.weight"].std() > 0.1 and sd[f"{name}.bias"].abs().min() > 0
+    for norm in ("layernorm_error", "layernorm_input"):
+        assert torch.all(sd[f"{norm}.weight"] == 1) and torch.all(sd[f"{norm}.bias"] == 0)
+    assert torch.equal(sd["conv1.weight"], sd["frontend._orig_mod.0.weight"])
+    assert torch.equal(sd["fc.bias"], sd["classification_head.2.bias"])
+
+
+def test_in_repo_golden_has_the_shared_layout():
+    """The cases hold what ``shared/golden/README.md`` lists (and the shared file, where present)."""
+    tensors = {"x", "h0", "w", "logits", "final_state"}
+    expected = tensors | {"T", "training", "atol", "steps_run", "grads", "after", "float64", "float32_error"}
+    grads = {"conv1.weight", "layer1.0.conv1.weight", "fc.weight", "fc.bias", "error_head.Q"}
+    golden = load_golden()
+    shared = golden_module.golden_path()
+    layouts = [golden] + ([load_golden("shared")] if shared.exists() else [])
+    assert [c["training"] for c in golden["cases"]] == [True, False]
+    for case in (case for layout in layouts for case in layout["cases"]):
+        assert expected <= case.keys()
+        assert all(isinstance(case[name], torch.Tensor) for name in tensors)
+        assert case["grads"].keys() == case["float64"]["grads"].keys() == grads
+        assert case["float32_error"].keys() == {"logits", "final_state"} | {f"grads.{n}" for n in grads}
+        assert all(t.dtype == torch.float64 for t in case["float64"]["grads"].values())
+        assert all(isinstance(t, torch.Tensor) for t in case["after"].values())
+    if len(layouts) == 2:
+        for mine, theirs in zip(*(layout["cases"] for layout in layouts)):
+            assert mine["after"].keys() == theirs["after"].keys()
+            assert {k: mine[k] for k in ("T", "training", "atol")} == {k: theirs[k] for k in ("T", "training", "atol")}
+        assert golden["config"] == layouts[1]["config"]
+        assert golden["state_dict"].keys() == layouts[1]["state_dict"].keys()
+
+
+@pytest.mark.parametrize("source", golden_module.SOURCES)
+def test_state_dict_keys_match_reference_checkpoint(source):
+    golden = load_golden(source)
     stripped = set(models.load_reference_state_dict.__globals__["strip_compile_prefixes"](golden["state_dict"]))
     assert set(models.ResNet18(**golden["config"]).state_dict()) == stripped
     assert set(ReferenceResNet18(**golden["config"]).state_dict()) == stripped

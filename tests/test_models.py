@@ -143,15 +143,14 @@ def test_in_repo_golden_fails_on_weights_its_recipe_did_not_make(monkeypatch):
 
 
 def test_in_repo_golden_is_small_and_its_weights_are_not_special():
-    """At most 5 MiB; the weights the recipe fills: ``Q`` exactly orthogonal with ``Qinv`` its
+    """At most 5 MiB; the weights the recipe fills: ``Q`` dense with distinct values and ``Qinv`` its
     transpose, non-trivial BatchNorm statistics and decay settings, the frozen GroupNorm affines
     the identity, and both names of each shared tensor one value."""
     assert golden_module.in_repo_path().stat().st_size <= 5 * 2**20
     golden = load_golden()
     sd = golden["state_dict"]
     q = sd["error_head.Q"].double()
-    assert torch.equal(q @ q.T, torch.eye(q.shape[0], dtype=torch.float64))
-    assert (q == 0).float().mean() < 0.1  # dense
+    assert (q == 0).float().mean() < 0.1 and q.unique().numel() > 0.99 * q.numel()  # dense, generic
     assert torch.equal(sd["error_head.Qinv"], sd["error_head.Q"].T)
     s = sd["error_head.S"]
     assert (s > 0).any() and (s < 0).any() and s.abs().std() > 0.1
@@ -163,6 +162,26 @@ def test_in_repo_golden_is_small_and_its_weights_are_not_special():
         assert torch.all(sd[f"{norm}.weight"] == 1) and torch.all(sd[f"{norm}.bias"] == 0)
     assert torch.equal(sd["conv1.weight"], sd["frontend._orig_mod.0.weight"])
     assert torch.equal(sd["fc.bias"], sd["classification_head.2.bias"])
+
+
+def test_in_repo_golden_training_case_is_away_from_kinks():
+    """The training case's gradients are a derivative, not one side of a kink (an exact tie in a
+    ReLU, a max-pool or a BatchNorm): a 1e-6 relative change of the input moves the reference's
+    own gradients by rounding-sized amounts, so any correct implementation can match them."""
+    from dfm_fused.models.reference import ReferenceResNet18
+
+    golden = load_golden()
+    case = golden["cases"][0]
+    grads = []
+    for scale in (1.0, 1.0 + 1e-6):
+        model = ReferenceResNet18(**golden["config"])
+        models.load_reference_state_dict(model, golden["state_dict"])
+        model.train()
+        logits = model(case["x"] * scale, case["T"], h0=case["h0"], atol=case["atol"])
+        (logits * case["w"]).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "error_head.Q"):
+        assert rel_err(grads[1][name], grads[0][name]) < 1e-4, name
 
 
 def test_in_repo_golden_has_the_shared_layout():

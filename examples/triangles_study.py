@@ -17,8 +17,8 @@ of means and spreads, the paired DFM - feedforward differences and a verdict per
 --data-sigmas), ``steps.png`` (the DFM's prediction after each step at --step-sigma beside
 the feedforward prediction and the truth; seed 0, largest N). Needs matplotlib.
 
-    python examples/triangles_study.py --out study/           # defaults: under 15 min on 2 idle cores
-    python examples/triangles_study.py --quick --out /tmp/s   # smoke run, about a minute
+    python examples/triangles_study.py --out study/           # defaults: 40 runs, about 390 CPU-s (3.5 min on 2 cores)
+    python examples/triangles_study.py --quick --out /tmp/s   # smoke run, seconds
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from dfm_fused import models
 from dfm_fused.capture import _guards, _state
 from dfm_fused.capture import _graph
 from dfm_fused.models.reference import ReferenceResNet18
+from tests._capture_sim import simulate_cuda_graphs
 from tests._helpers import rel_err
 
 CUDA = torch.cuda.is_available()
@@ -144,7 +145,7 @@ def test_snapshot_restores_what_iterations_change(stepped_before):
     assert bool(created) == (not stepped_before)  # momentum buffers appear at the first step
     versions = [t._version for t in (*model.parameters(), *model.buffers())]
     snapshot.restore()
-    # Version counters stay: modules cache decisions on them (is Q still the QR's output?).
+    # Version counters stay: the values are exactly back (autograd checks saved tensors by version).
     assert versions == [t._version for t in (*model.parameters(), *model.buffers())]
     # What the iterations changed is back, in the same tensor objects.
     for name, value in model.state_dict().items():
@@ -259,6 +260,198 @@ def test_qr_that_cannot_be_captured_in_reference_modules_raises(monkeypatch):
     qr = _graph.TrainingQR("capture_train_step", model, torch.device("cpu"), None, "global", [])
     with pytest.raises(_guards.CaptureError, match=r"(?s)simulated.*StateExpDecay.*dfm_fused.patch"):
         qr.prepare(2)
+
+
+# ---------------------------------------------------------------- graphs simulated on the CPU
+# tests/_capture_sim.py replays recorded ops on the memory recorded at capture, as a CUDA graph
+# replays its kernels: a graph that went stale shows as a result that differs from eager.
+
+@pytest.fixture
+def sim(monkeypatch):
+    return simulate_cuda_graphs(monkeypatch)
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+class Twins:
+    """The same DFM trained eagerly and through a (simulated) captured step, call by call.
+    ``uniform_S=False``: S spread over [0.6, 1.4], so that eager and graph take the general decay
+    path, whatever the capture code decides about the scalar one."""
+
+    def __init__(self, params=lambda model: model.parameters(), T=3, uniform_S=False):
+        self.eager, self.graphed = small_dfm(), small_dfm()
+        if not uniform_S:
+            for model in (self.eager, self.graphed):
+                model.error_head.S.data.copy_(torch.linspace(0.6, 1.4, model.error_head.S.numel()))
+        self.eager_opt, self.graphed_opt = _sgd(params(self.eager)), _sgd(params(self.graphed))
+        self.step = dfm_fused.capture_train_step(self.graphed, self.graphed_opt, F.cross_entropy, batch(), T=T,
+                                                 warmup=2)
+        self.calls = 0
+
+    def both(self, change):
+        change(self.eager)
+        change(self.graphed)
+
+    def call(self, T=3, optimizer_step=True, zero_grad=True):
+        self.calls += 1
+        x, y = batch(seed=100 + self.calls)
+        if zero_grad:
+            self.eager_opt.zero_grad()
+        torch.manual_seed(self.calls)  # the initial state's draw
+        loss = F.cross_entropy(self.eager(x, T), y)
+        loss.backward()
+        if optimizer_step:
+            self.eager_opt.step()
+        if zero_grad:
+            self.graphed_opt.zero_grad()
+        torch.manual_seed(self.calls)
+        graphed_loss = self.step(x, y, optimizer_step=optimizer_step, T=T)
+        assert rel_err(graphed_loss, loss.detach()) <= TOL, (self.calls, graphed_loss, loss)
+
+    def assert_same(self):
+        # floor: the biases of convolutions followed by BatchNorm have gradients ~1e-9 (zero but for rounding)
+        for (name, a), b in zip(self.graphed.state_dict().items(), self.eager.state_dict().values()):
+            assert a.stride() == b.stride(), name
+            assert rel_err(a.float(), b.float(), floor=1e-12) <= TOL, f"{name}: {rel_err(a.float(), b.float(), floor=1e-12):.2e}"
+        for (name, a), b in zip(self.graphed.named_parameters(), self.eager.parameters()):
+            assert (a.grad is None) == (b.grad is None), f"{name}.grad: {a.grad is None} != {b.grad is None}"
+            if a.grad is not None:
+                err = rel_err(a.grad, b.grad, floor=1e-6)
+                assert err <= TOL, f"{name}.grad: {err:.2e}"
+
+
+@pytest.mark.parametrize("uniform_S", [False, True])
+def test_simulated_replays_equal_eager_with_accumulation_and_zero_grad(uniform_S, sim):
+    twins = Twins(uniform_S=uniform_S)
+    for optimizer_step, zero_grad in [(True, True), (False, True), (True, False), (True, True), (False, False)]:
+        twins.call(optimizer_step=optimizer_step, zero_grad=zero_grad)
+        twins.assert_same()
+    assert twins.step.counts["replays"] >= 3 and twins.step.counts["eager"] == 1, twins.step.counts
+
+
+def _assign_copy(model):
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+
+
+def _new_storage(model):
+    for p in model.body.parameters():
+        p.data = p.data.clone()
+
+
+CHANGES = {
+    "submodule eval (frozen BatchNorm)": lambda model: model.frontend[1].eval(),
+    "requires_grad_(False)": lambda model: model.body[0].weight.requires_grad_(False),
+    "channels_last": lambda model: model.to(memory_format=torch.channels_last),
+    "load_state_dict(assign=True)": _assign_copy,
+    "p.data = new tensor": _new_storage,
+    # .cpu().cuda() on a GPU; here a round trip through float64, which rebinds p.data the same way
+    "round trip to another dtype": lambda model: model.double().float(),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_simulated_step_after_a_change_to_the_model_equals_eager(change, sim):
+    """Each change moves a storage, a stride, a module's mode or the parameters that get gradients:
+    a replay of the graph captured before it would be stale."""
+    twins = Twins()
+    twins.call()
+    twins.call()
+    twins.assert_same()
+    twins.both(CHANGES[change])
+    for _ in range(2):
+        twins.call()
+        twins.assert_same()
+
+
+def test_simulated_T0_call_gives_no_gradient_to_the_steps(sim):
+    """A T=0 call runs no step: the body gets no gradient and the optimizer skips it (momentum
+    and weight decay included), as in eager."""
+    twins = Twins()
+    for T in (3, 0, 0, 3):
+        twins.call(T=T)
+        twins.assert_same()
+    twins.call(T=0, optimizer_step=False)
+    twins.call(T=3, zero_grad=False)
+    twins.assert_same()
+
+
+def test_simulated_parameters_outside_the_optimizer_accumulate_their_gradients(sim):
+    """The optimizer's zero_grad() leaves the frontend's and head's gradients, so they accumulate
+    over calls, from none after ``model.zero_grad()``."""
+    twins = Twins(params=lambda model: model.body.parameters())
+    twins.call()
+    twins.both(lambda model: model.zero_grad())
+    for zero_grad in (True, True, False):
+        twins.call(zero_grad=zero_grad)
+        twins.assert_same()
+    assert twins.graphed.head[2].weight.grad is not None
+
+
+def test_simulated_graphs_share_one_memory_pool(sim):
+    twins = Twins()
+    probes = len(sim.graphs)  # the QR probe's, captured when the step was built
+    twins.call()
+    twins.call(optimizer_step=False)
+    twins.call(optimizer_step=False, zero_grad=False)
+    twins.call(zero_grad=False)
+    graphs = sim.graphs[probes:]
+    assert len(graphs) >= 3, len(graphs)
+    assert len({g.pool for g in graphs}) == 1 and graphs[0].pool is not None, [g.pool for g in graphs]
+
+
+def test_simulated_scalar_decay_is_baked_and_rechecked_before_each_replay(sim):
+    """With |S| uniform the training graph takes the scalar path (M = d I); S written through
+    ``.data`` (no version bump) is seen before the next replay, which is captured anew."""
+    twins = Twins(uniform_S=True)
+    twins.call()
+    twins.call()
+    assert any("scalar" in note and "error_head" in note for note in twins.step.notes), twins.step.notes
+    captures = twins.step.counts["captures"]
+    torch.manual_seed(7)
+    S = torch.empty(twins.eager.error_head.S.shape).uniform_(0.2, 3.0)
+    twins.both(lambda model: model.error_head.S.data.copy_(S))
+    twins.call()
+    twins.assert_same()
+    assert twins.step.counts["captures"] == captures + 1, twins.step.counts
+
+
+def test_simulated_lr_scheduler_made_after_capture_is_no_change(sim):
+    """A scheduler adds ``initial_lr`` to each param group, which the optimizer's step never reads."""
+    twins = Twins()
+    twins.call()
+    twins.call()
+    twins.both(lambda model: None)
+    torch.optim.lr_scheduler.StepLR(twins.eager_opt, step_size=10)
+    torch.optim.lr_scheduler.StepLR(twins.graphed_opt, step_size=10)
+    twins.call()
+    twins.assert_same()
+    twins.graphed_opt.param_groups[0]["lr"] = 0.01
+    with pytest.raises(dfm_fused.CaptureError, match=r"param_groups\[0\]\['lr'\]: 0.1 -> 0.01"):
+        twins.step(*batch())
+
+
+@pytest.mark.parametrize("change", ["submodule train (BatchNorm)", "p.data = new tensor", "channels_last"])
+def test_simulated_inference_after_a_change_to_the_model_equals_eager(change, sim):
+    model = small_dfm().eval()
+    x = batch()[0]
+    infer = dfm_fused.capture_inference(model, x, T=3, warmup=2)
+    changes = {"submodule train (BatchNorm)": lambda: model.body[1].train(),
+               "p.data = new tensor": lambda: _new_storage(model),
+               "channels_last": lambda: model.to(memory_format=torch.channels_last)}
+    for i in range(3):
+        if i == 1:
+            changes[change]()
+            with torch.no_grad():  # new values (e.g. trained elsewhere), written in place
+                for p in model.parameters():
+                    p.mul_(0.9)
+        torch.manual_seed(i)
+        out = infer(x)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            expected = model(x, 3)
+        assert rel_err(out, expected) <= TOL, (i, rel_err(out, expected))
 
 
 # ---------------------------------------------------------------- on a CUDA device

@@ -17,7 +17,7 @@ import torch
 
 from dfm_fused.capture._guards import CaptureError, explain, no_host_sync
 
-__all__ = ["TrainingQR", "capture", "probe_qr", "qr_modules", "warm_up"]
+__all__ = ["TrainingQR", "bake_scalar_decay", "baked", "capture", "probe_qr", "qr_modules", "stale_decision", "warm_up"]
 
 
 def warm_up(api: str, fn: Callable[[int], object], iterations: int, stream, device: torch.device) -> None:
@@ -32,11 +32,12 @@ def warm_up(api: str, fn: Callable[[int], object], iterations: int, stream, devi
     current.wait_stream(stream)
 
 
-def capture(api: str, fn: Callable[[], object], stream, mode: str, what: str):
-    """``(graph, outputs of fn)``: ``fn`` captured on ``stream`` into a new graph with its own memory pool."""
+def capture(api: str, fn: Callable[[], object], stream, mode: str, what: str, pool=None):
+    """``(graph, outputs of fn)``: ``fn`` captured on ``stream`` into a new graph, in the memory
+    pool ``pool`` (a ``torch.cuda.graph_pool_handle()``; ``None``: a pool of its own)."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode=mode):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=mode):
             outputs = fn()
     except CaptureError:
         raise
@@ -55,6 +56,48 @@ def qr_modules(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torc
     fused = [m for m in model.modules() if isinstance(m, _DecayParameters) and getattr(m, "output_map", "QT") == "QT"]
     reference = [m for m in model.modules() if isinstance(m, ReferenceStateExpDecay)]
     return fused, reference
+
+
+def bake_scalar_decay(model: torch.nn.Module, T: int) -> list[tuple[str, torch.nn.Module, bool]]:
+    """``(name, module, uniform_S())`` for each of ``model``'s fused decay modules whose forward at
+    ``T`` steps runs (or has its caller run) the QR at t=0, so judges ``|S|``.
+
+    ``S`` cannot be read while a graph is captured: the answer is read here, before the warm-up,
+    set as ``module.baked_uniform_S`` while the graph is made (:func:`baked`) and re-checked before
+    each replay (:func:`stale_decision`). One host read per module, per capture."""
+    if T == 0:
+        return []
+    fused = {id(m) for m in qr_modules(model)[0]}
+    return [(name, m, bool(m.uniform_S())) for name, m in model.named_modules() if id(m) in fused and m.training]
+
+
+@contextlib.contextmanager
+def baked(decisions):
+    """Around the warm-up and the capture: each module takes the scalar-decay decision read before."""
+    for _, module, uniform in decisions:
+        module.baked_uniform_S = uniform
+    try:
+        yield
+    finally:
+        for _, module, _ in decisions:
+            del module.baked_uniform_S  # back to the class default
+
+
+def stale_decision(decisions) -> str | None:
+    """The first module whose baked scalar-decay path no longer holds, in words; else None.
+
+    Only a graph that took the scalar path (``M = d I``) can be wrong: the general path is
+    exact for any ``S``. ``S``'s storage is checked with every parameter (its data_ptr and
+    stride, :mod:`dfm_fused.capture._fingerprint`); its values are read here because a write
+    through ``S.data`` (``m.S.data.uniform_(...)``, a collective, an optimizer over ``S``) moves
+    no version counter. Cost: per module with the scalar path baked, a C-element comparison and
+    a one-byte device-to-host copy, which waits for the work queued before it (the previous
+    replay): the host no longer runs ahead of the device by more than one iteration.
+    """
+    for name, module, uniform in decisions:
+        if uniform and not module.uniform_S():
+            return f"{name}.S is no longer uniform in magnitude (the graph took the scalar-decay path)"
+    return None
 
 
 def probe_qr(api: str, size: int, device: torch.device, stream, mode: str) -> str:
@@ -95,15 +138,15 @@ class TrainingQR:
 
     def _active(self, T: int) -> list[torch.nn.Module]:
         """The fused modules whose QR runs outside the graph for a forward at ``T`` steps."""
-        if not (self.eager and self.model.training and T > 0):
+        if not (self.eager and T > 0):
             return []
-        return qr_modules(self.model)[0]
+        return [m for m in qr_modules(self.model)[0] if m.training]
 
     def prepare(self, T: int) -> None:
-        """Probe the QR once per ``Q`` size, if a forward at ``T`` steps in the model's mode does one."""
-        if not self.model.training or T == 0:
+        """Probe the QR once per ``Q`` size, if a forward at ``T`` steps, in each module's mode, does one."""
+        if T == 0:
             return
-        fused, reference = qr_modules(self.model)
+        fused, reference = ([m for m in found if m.training] for found in qr_modules(self.model))
         for size in sorted({int(m.Q.shape[0]) for m in fused + reference} - self._probed):
             try:
                 self.notes.append(probe_qr(self.api, size, self.device, self.stream, self.mode))

@@ -22,6 +22,9 @@ from torch.utils._pytree import tree_leaves
 __all__ = ["CaptureError", "CpuTensorUse", "capture_error_mode", "explain", "input_tensor", "model_device", "no_host_sync", "require_cuda"]
 
 MODES = ("global", "thread_local", "relaxed")
+# The device type whose memory a graph replays; tests of the capture logic on the CPU (which
+# simulate the graphs, see tests/_capture_sim.py) set it to "cpu".
+GRAPH_DEVICE_TYPE = "cuda"
 
 HINTS = (
     "a host sync inside the step (.item(), .tolist(), float()/int()/bool() of a CUDA tensor, printing one, "
@@ -51,7 +54,7 @@ def model_device(api: str, model: torch.nn.Module, extra_params=()) -> torch.dev
         raise ValueError(f"{api}: model has no parameters or buffers, so there is no device to capture on")
     devices = {t.device for _, t in named}
     for name, tensor in named:
-        if tensor.device.type != "cuda":
+        if tensor.device.type != GRAPH_DEVICE_TYPE:
             raise ValueError(
                 f"{api}: {name} is on {tensor.device}; a captured step needs every parameter and buffer on one CUDA "
                 "device (a CPU tensor cannot be captured). Move the model with model.to('cuda') before building the optimizer."

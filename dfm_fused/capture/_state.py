@@ -9,8 +9,8 @@ at its first step (momentum buffers, Adam moments) must exist before capture,
 since a graph cannot allocate it once and then keep it.
 
 A captured optimizer step bakes in every hyperparameter that is a Python number
-(``lr`` as a float is a kernel argument): :func:`hyperparameters` records them
-and :func:`changed_hyperparameter` names the first one changed since.
+(``lr`` as a float is a kernel argument): :func:`hyperparameters` records those the
+step reads and :func:`changed_hyperparameter` names the first one changed since.
 """
 from __future__ import annotations
 
@@ -75,9 +75,8 @@ class Snapshot:
         return created
 
     def restore(self) -> None:
-        # Through ``.data``, so that version counters do not move: modules cache decisions on them
-        # (dfm_fused's decay modules: whether Q is still their QR's output, whether S is uniform),
-        # and the values they describe are exactly back.
+        # Through ``.data``, so that version counters do not move: the values are exactly back, and
+        # an autograd graph the caller still holds (saved tensors are checked by version) stays usable.
         with torch.no_grad():
             for tensor, value in zip(self.tensors, self.values):
                 tensor.data.copy_(value)
@@ -117,8 +116,10 @@ def check_capturable(optimizer: torch.optim.Optimizer) -> None:
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each param group's settings other than ``params``: numbers by value, tensors by identity."""
-    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    """Each param group's settings that the optimizer's step reads (the keys of
+    ``optimizer.defaults``): numbers by value, tensors by identity. Other keys are left out:
+    an LR scheduler adds ``initial_lr`` (and ``max_lr``, ...) that only the scheduler reads."""
+    return [{key: value for key, value in group.items() if key in optimizer.defaults} for group in optimizer.param_groups]
 
 
 def changed_hyperparameter(optimizer: torch.optim.Optimizer, recorded: list[dict]) -> str | None:

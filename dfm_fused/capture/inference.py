@@ -12,6 +12,11 @@ the step index reached, the head). The host replays chunks and reads one flag
 per chunk, so it syncs once per ``check_every`` steps instead of every step,
 and the loop stops at the reference's step. Up to ``check_every - 1`` steps of
 the last chunk are computed and discarded, as in :class:`dfm_fused.FeedbackModel`.
+
+Before every call, as :func:`dfm_fused.capture_train_step` does: a parameter or buffer moved to
+other memory or layout drops the graphs (captured anew), every module's train/eval flag is part
+of the key, and a scalar-decay path baked into a training-mode graph is re-checked. All graphs
+share one memory pool.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from dfm_fused import _checks
-from dfm_fused.capture import _graph
+from dfm_fused.capture import _fingerprint, _graph
 from dfm_fused.capture._guards import CaptureError, input_tensor, model_device, require_cuda
 from dfm_fused.capture._state import Snapshot
 from dfm_fused.capture.train import autocast, check_common
@@ -85,6 +90,7 @@ class _Fixed:
     x: torch.Tensor
     out: torch.Tensor
     attributes: dict
+    decisions: list  # (name, decay module, uniform |S|) baked in, see _graph.bake_scalar_decay
 
 
 @dataclass
@@ -100,7 +106,7 @@ class CapturedInference:
     """A captured DFM forward; see :func:`capture_inference`.
 
     ``infer(x)`` copies ``x`` into a static buffer and replays the graphs for its shape,
-    dtype and the model's train/eval mode (capturing them first if new). ``steps_run``:
+    dtype and every module's train/eval mode (capturing them first if new). ``steps_run``:
     steps the last call ran; ``counts``: captures and replays; ``notes``: decisions made.
     """
 
@@ -112,13 +118,17 @@ class CapturedInference:
         self.notes: list[str] = []
         self.steps_run = 0
         self._stream = torch.cuda.Stream(self.device)
-        self._graphs: dict[tuple, object] = {}
         self._qr = _graph.TrainingQR(API, model, self.device, self._stream, mode, self.notes)
+        self.reset()
         self._entry(input_tensor("example_input", example_input, self.device))
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory); the next call captures anew."""
-        self._graphs.clear()
+        self._graphs: dict[tuple, object] = {}
+        self._layout: tuple | None = None
+        # One pool for every graph (each call replays its graphs in the order they were captured
+        # and the host reads their outputs before the next call).
+        self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         input_tensor("x", x, self.device)
@@ -146,14 +156,35 @@ class CapturedInference:
         return entry.logits.clone()
 
     def _entry(self, x):
-        key = (tuple(x.shape), x.dtype, self.model.training)
+        if self._layout is not None:
+            now = _fingerprint.layout(self.model)
+            if now != self._layout:
+                self.notes.append(f"{_fingerprint.first_change(self._layout, now)}: graphs dropped, captured anew")
+                self.reset()
+        if self.atol is not None and self.model.training:
+            raise ValueError("model: early stop (atol) is captured in eval mode only (call model.eval() before "
+                             "calling the captured inference): in training mode the first step re-orthogonalises Q")
+        mode = _fingerprint.mode(self.model, with_requires_grad=False)
+        key = (tuple(x.shape), x.dtype, mode)
         entry = self._graphs.get(key)
-        if entry is None:
+        stale = isinstance(entry, _Fixed) and _graph.stale_decision(entry.decisions)
+        if stale:
+            self.notes.append(f"{stale}: that graph dropped, captured anew")
+        if entry is None or stale:
             self._qr.prepare(self.T)
             static_x = x.detach().clone()
+            before = _fingerprint.layout(self.model)
             early = self.atol is not None and self.T >= 1
             entry = self._capture_early_stop(static_x) if early else self._capture_fixed(static_x)
+            after = _fingerprint.layout(self.model)
+            if after != before or _fingerprint.mode(self.model, with_requires_grad=False) != mode:
+                raise CaptureError(
+                    f"{API}: the forward itself rebinds a tensor of the model or changes a module's mode "
+                    f"({_fingerprint.first_change(before, after)}); a graph keeps the tensors and modes it was "
+                    "captured with. Update such tensors in place (tensor.copy_) instead of assigning new ones."
+                )
             self._graphs[key] = entry
+            self._layout = after
         return entry
 
     def _warm_up(self, run) -> None:
@@ -170,7 +201,7 @@ class CapturedInference:
 
     def _capture(self, fn, what):
         with torch.no_grad(), autocast(self.autocast_dtype):
-            graph, out = _graph.capture(API, fn, self._stream, self.mode, what)
+            graph, out = _graph.capture(API, fn, self._stream, self.mode, what, self._pool)
         self.counts["captures"] += 1
         return graph, out
 
@@ -179,13 +210,15 @@ class CapturedInference:
             with torch.no_grad(), autocast(self.autocast_dtype):
                 return self.model(x, self.T)
 
-        self._warm_up(forward)
-        with self._qr.making_graph(self.T):
-            graph, out = self._capture(forward, f"the forward at T={self.T}")
+        decisions = _graph.bake_scalar_decay(self.model, self.T)
+        with _graph.baked(decisions):
+            self._warm_up(forward)
+            with self._qr.making_graph(self.T):
+                graph, out = self._capture(forward, f"the forward at T={self.T}")
         if not isinstance(out, torch.Tensor):
             raise CaptureError(f"{API}: model(x, T) must return a tensor to be replayed; got {type(out).__name__}")
         attributes = {name: self.model.__dict__[name] for name in ("state", "steps_run") if name in self.model.__dict__}
-        return _Fixed(graph, x, out, attributes)
+        return _Fixed(graph, x, out, attributes, decisions)
 
     def _capture_early_stop(self, x) -> _EarlyStop:
         model, T, atol = self.model, self.T, self.atol

@@ -5,15 +5,25 @@ the backward (memory saving on or off, as the model is built) and the optimizer
 step. A replay launches it with one call, so the host issues no kernels and
 never waits for the device.
 
-What the step does with ``.grad``, as eager does: the backward accumulates into
-the gradients the parameters hold, and ``optimizer.zero_grad()`` between calls
-(``set_to_none`` or not) starts from zero. Two graphs may be captured for this:
-one that zeroes the gradients first (used when every gradient is ``None``,
-i.e. after ``zero_grad()``) and one that accumulates (gradient accumulation over
-micro-batches, ``optimizer_step=False`` for all but the last). The gradients
-live in fixed tensors that the step binds to ``p.grad`` before each replay (a
-gradient the user put there is copied in first); after a call ``p.grad`` holds
-what eager would hold after ``backward()`` and ``step()``.
+What the step does with ``.grad``, as eager does, for every parameter (in the
+optimizer or not): the backward accumulates into the gradient a parameter holds,
+a parameter holding none (after ``zero_grad()``) starts from zero, a parameter the
+iteration does not reach keeps what it holds, and the optimizer steps the
+parameters that hold a gradient. Which parameters hold one is part of the graph's
+key (in practice two graphs: after ``zero_grad()``, and accumulating over
+micro-batches); the graph zeroes those it reaches that hold none. The gradients
+live in fixed tensors bound to ``p.grad`` before each replay (a gradient the user
+put there is copied in first).
+
+Before every call the step checks, on the host, what its graphs assume
+(:mod:`dfm_fused.capture._fingerprint`): a parameter, buffer, optimizer tensor or
+fixed gradient moved to other memory or layout drops every graph (they are
+captured anew); the modules' train/eval flags and the parameters'
+``requires_grad`` are part of the key; a scalar-decay path baked into a graph is
+re-checked (:func:`dfm_fused.capture._graph.stale_decision`). All graphs share one
+memory pool: they replay one at a time, in the order the host calls them, and
+what one leaves for the host (the loss, ``model.state``) is read before the next
+(``model.state`` after a call is valid until the next call, as a graph's outputs are).
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from dfm_fused import _checks
-from dfm_fused.capture import _graph
+from dfm_fused.capture import _fingerprint, _graph
 from dfm_fused.capture._guards import (
     CaptureError, capture_error_mode, input_tensor, model_device, require_cuda,
 )
@@ -130,19 +140,22 @@ class _Graph:
     target: torch.Tensor
     loss: torch.Tensor
     attributes: dict
+    bound: list  # the parameters whose fixed gradient tensor the graph reads and writes
+    decisions: list  # (name, decay module, uniform |S|) baked in, see _graph.bake_scalar_decay
 
 
 class CapturedTrainStep:
     """A captured DFM training iteration; see :func:`capture_train_step`.
 
     ``step(x, target, *, optimizer_step=True, T=None)`` copies the inputs into the
-    graph's static buffers, replays the graph for their shapes and dtypes, T, the
-    model's train/eval mode and the gradient case (zeroed or accumulating), capturing
-    it first if new, and returns the loss (a new detached 0-d tensor).
+    graph's static buffers, replays the graph for their shapes and dtypes, T, every
+    module's train/eval mode and parameter's ``requires_grad``, and which parameters hold
+    a gradient, capturing it first if new, and returns the loss (a new detached 0-d tensor).
     ``optimizer_step=False`` runs forward and backward only (gradient accumulation).
 
     Attributes: ``counts`` (captures, replays, eager runs), ``notes`` (what was
-    decided and why, e.g. where the QR of ``Q`` runs). ``reset()`` drops the graphs.
+    decided and why, e.g. where the QR of ``Q`` runs, why graphs were dropped).
+    ``reset()`` drops the graphs.
 
     If the optimizer creates its state at its first step (momentum buffers, Adam
     moments) and has not stepped yet, the first call runs eagerly, so that the
@@ -156,35 +169,46 @@ class CapturedTrainStep:
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
         self.notes: list[str] = []
         self._stream = torch.cuda.Stream(self.device)
-        self._graphs: dict[tuple, _Graph] = {}
-        self._grads: list[torch.Tensor] = []
-        self._reached: list[torch.Tensor] | None = None
-        self._unreached: list[torch.Tensor] = []
         self._qr = _graph.TrainingQR(API, model, self.device, self._stream, mode, self.notes)
-        self._hyper: list[dict] | None = None
         self._optimizer_objects = (optimizer.state, optimizer.param_groups)
         self._needs_eager = False
+        self._first_mode: tuple | None = None
+        self.reset()
         x, target = (input_tensor(name, t, self.device) for name, t in zip(("x", "target"), example_inputs))
-        self._capture(x, target, T, True, True)
+        self._capture(x, target, T, True, self._holding())
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory); the next call captures anew."""
-        self._graphs.clear()
-        self._hyper = None
+        self._graphs: dict[tuple, _Graph] = {}
+        self._grads: dict[int, tuple[str, torch.Tensor]] = {}  # id(param) -> (name, fixed gradient)
+        self._hyper: list[dict] | None = None
+        self._layout: tuple | None = None
+        # One pool for every graph of this step (gradient accumulation uses two or more graphs of
+        # the whole iteration); a new one after a reset, the old one goes with its graphs.
+        self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, *, optimizer_step: bool = True, T: int | None = None):
         T = self.T if T is None else _checks.integer("T", T, 0)
         input_tensor("x", x, self.device)
         input_tensor("target", target, self.device)
         self._check_optimizer()
-        fresh = self._bind_grads()
-        entry = self._graphs.get(self._key(x, target, T, optimizer_step, fresh))
+        self._check_layout()
+        holding = self._holding()
+        key = self._key(x, target, T, optimizer_step, holding)
+        entry = self._graphs.get(key)
+        if entry is not None:
+            stale = _graph.stale_decision(entry.decisions)
+            if stale:
+                self.notes.append(f"{stale}: that graph dropped, captured anew")
+                del self._graphs[key]
+                entry = None
         if entry is None and not (optimizer_step and self._needs_eager):
-            entry = self._capture(x, target, T, bool(optimizer_step), fresh)
+            entry = self._capture(x, target, T, bool(optimizer_step), holding)
         if entry is None:
             self._needs_eager = False
             self.counts["eager"] += 1
-            return self._iteration(x, target, T, optimizer_step, self._grads if fresh else None)
+            return self._iteration(x, target, T, optimizer_step, None)
+        self._bind(entry.bound)
         entry.x.copy_(x)
         entry.target.copy_(target)
         self._qr.before_forward(T)
@@ -194,9 +218,29 @@ class CapturedTrainStep:
         self.counts["replays"] += 1
         return entry.loss.clone()
 
-    def _key(self, x, target, T, optimizer_step, fresh) -> tuple:
-        return (tuple(x.shape), x.dtype, tuple(target.shape), target.dtype, T, self.model.training,
-                bool(optimizer_step), fresh)
+    def _params(self) -> list[torch.Tensor]:
+        """The model's parameters, then the optimizer's that are not the model's, each once."""
+        return list({id(p): p for p in (*self.model.parameters(), *optimizer_params(self.optimizer))}.values())
+
+    def _holding(self) -> tuple:
+        """Indices in ``_params()`` of the parameters that hold a gradient."""
+        return tuple(i for i, p in enumerate(self._params()) if p.grad is not None)
+
+    def _key(self, x, target, T, optimizer_step, holding) -> tuple:
+        return (tuple(x.shape), x.dtype, tuple(target.shape), target.dtype, T, bool(optimizer_step), holding,
+                _fingerprint.mode(self.model, with_requires_grad=True))
+
+    def _layout_now(self) -> tuple:
+        return _fingerprint.layout(self.model, self.optimizer, self._grads.values())
+
+    def _check_layout(self) -> None:
+        """Drop every graph if a tensor they replay on moved (see :mod:`._fingerprint`)."""
+        if self._layout is None:
+            return
+        now = self._layout_now()
+        if now != self._layout:
+            self.notes.append(f"{_fingerprint.first_change(self._layout, now)}: graphs dropped, captured anew")
+            self.reset()
 
     def _iteration(self, x, target, T, optimizer_step, zero):
         if zero:
@@ -212,69 +256,101 @@ class CapturedTrainStep:
             self.optimizer.step()
         return loss.detach()
 
-    def _capture(self, x, target, T, optimizer_step, fresh) -> _Graph | None:
+    def _capture(self, x, target, T, optimizer_step, holding) -> _Graph | None:
         """Warm up for this case, capture it and cache it; ``None`` if the optimizer must step eagerly first."""
+        key = self._key(x, target, T, optimizer_step, holding)
         static_x, static_target = x.detach().clone(), target.detach().clone()
         self._qr.prepare(T)
+        params = self._params()
+        before = _fingerprint.layout(self.model, self.optimizer)
+        decisions = _graph.bake_scalar_decay(self.model, T)
         snapshot = Snapshot(self.model, self.optimizer, self.device)
+        reached: list[torch.Tensor] = []
         try:
             def iteration(i):
                 snapshot.clear_grads()
                 self._qr.before_forward(T)
                 self._iteration(static_x, static_target, T, optimizer_step, None)
-                if self._reached is None:
-                    trainable = [p for p in optimizer_params(self.optimizer) if p.requires_grad]
-                    self._reached = [p for p in trainable if p.grad is not None]
-                    self._unreached = [p for p in trainable if p.grad is None]
+                if i == 0:  # the parameters this case gives a gradient, from none
+                    reached[:] = [p for p in params if p.grad is not None]
 
-            with self._qr.making_graph(T):
+            with _graph.baked(decisions), self._qr.making_graph(T):
                 _graph.warm_up(API, iteration, self.warmup, self._stream, self.device)
             created = snapshot.created_state() if optimizer_step else []
         finally:
             snapshot.restore()
-        if not self._grads:
-            self._grads = [torch.zeros_like(p) for p in self._reached]
-            fresh = self._bind_grads()
         if created:
             self._needs_eager = True
             self.notes.append(f"the optimizer creates state at its first step ({', '.join(created[:3])}"
                               f"{', ...' if len(created) > 3 else ''}): that step runs eagerly, the graph is captured after it")
             return None
+        held = {id(params[i]) for i in holding}
+        bound = list({id(p): p for p in (*reached, *(params[i] for i in holding))}.values())
+        names = {id(p): f"optimizer param {i}" for i, p in enumerate(optimizer_params(self.optimizer))}
+        names.update((id(p), name) for name, p in self.model.named_parameters())
+        for p in bound:
+            if id(p) not in self._grads:
+                self._grads[id(p)] = (names[id(p)], torch.zeros_like(p))
+        zero = [self._grads[id(p)][1] for p in reached if id(p) not in held]
+        self._bind(bound)
         # No eager QR before the capture: the capture only records kernels, and an extra QR
         # of Q would change it (a QR may flip the signs of an orthonormal matrix's columns).
-        with self._qr.making_graph(T):
+        with _graph.baked(decisions), self._qr.making_graph(T):
             graph, loss = _graph.capture(
-                API, lambda: self._iteration(static_x, static_target, T, optimizer_step, self._grads if fresh else None),
-                self._stream, self.mode, "the training iteration",
+                API, lambda: self._iteration(static_x, static_target, T, optimizer_step, zero),
+                self._stream, self.mode, "the training iteration", self._pool,
             )
+        self._check_unchanged(before, key)
         if optimizer_step and self._hyper is None:
             self._hyper = hyperparameters(self.optimizer)
         self.counts["captures"] += 1
+        self._note_capture(key, decisions, T)
         attributes = {name: self.model.__dict__[name] for name in MODEL_ATTRIBUTES if name in self.model.__dict__}
-        entry = self._graphs[self._key(x, target, T, optimizer_step, fresh)] = _Graph(
-            graph, static_x, static_target, loss, attributes)
+        entry = self._graphs[key] = _Graph(graph, static_x, static_target, loss, attributes, bound, decisions)
+        self._layout = self._layout_now()
         return entry
 
-    def _bind_grads(self) -> bool:
-        """Bind each reached parameter's ``.grad`` to its fixed tensor, keeping its value; return
-        whether every gradient was ``None`` (the graph then zeroes them, as eager starts from none)."""
-        fresh = all(p.grad is None for p in self._reached)
-        for p, grad in zip(self._reached, self._grads):
-            if p.grad is grad:
+    def _check_unchanged(self, before: tuple, key: tuple) -> None:
+        """The iteration itself must leave the model's tensors and modes as they were: a graph
+        keeps replaying on the tensors and in the modes it was captured with."""
+        after = _fingerprint.layout(self.model, self.optimizer)
+        if after != before:
+            raise CaptureError(
+                f"{API}: the training iteration itself rebinds a tensor of the model or optimizer "
+                f"({_fingerprint.first_change(before, after)}); a graph would keep using the one it was captured "
+                "with. Update such tensors in place (tensor.copy_) instead of assigning new ones."
+            )
+        mode = _fingerprint.mode(self.model, with_requires_grad=True)
+        if mode != key[-1]:
+            raise CaptureError(
+                f"{API}: the training iteration itself changes {_fingerprint.mode_change(self.model, key[-1], mode)}; "
+                "a graph keeps the mode it was captured in, so it cannot replay that change"
+            )
+
+    def _note_capture(self, key: tuple, decisions: list, T: int) -> None:
+        mode = key[-1]
+        if self._first_mode is None:
+            self._first_mode = mode
+        elif mode != self._first_mode:
+            self.notes.append(f"captured a graph for another mode than the first ("
+                              f"{_fingerprint.mode_change(self.model, self._first_mode, mode)})")
+        scalar = [name for name, _, uniform in decisions if uniform]
+        if scalar:
+            note = (f"scalar-decay path (|S| uniform, M = d I) baked into the graph at T={T} for {', '.join(scalar)}; "
+                    "S is re-checked before each replay")
+            if note not in self.notes:
+                self.notes.append(note)
+
+    def _bind(self, bound) -> None:
+        """Bind each parameter's ``.grad`` to its fixed tensor, keeping its value (one that holds
+        none is zeroed by the graph, which was captured for that)."""
+        for p in bound:
+            fixed = self._grads[id(p)][1]
+            if p.grad is fixed:
                 continue
             if p.grad is not None:
-                grad.copy_(p.grad)
-            elif not fresh:
-                grad.zero_()
-            p.grad = grad
-        for p in self._unreached:
-            if p.grad is not None:
-                raise CaptureError(
-                    f"{API}: a parameter of shape {tuple(p.shape)} that the iteration gives no gradient holds a .grad; "
-                    "eager optimizer.step() would update it with that stale gradient, the captured step skips it. "
-                    "Set its .grad to None (optimizer.zero_grad())."
-                )
-        return fresh
+                fixed.copy_(p.grad)
+            p.grad = fixed
 
     def _check_optimizer(self) -> None:
         state, groups = self._optimizer_objects

@@ -206,6 +206,45 @@ def test_capture_errors_explain_the_usual_causes():
     assert "get_rng_state" in text and "host sync" in text and "CPU tensor" in text
 
 
+def test_fingerprint_names_what_moved_and_which_mode_changed():
+    from dfm_fused.capture import _fingerprint
+
+    model = small_dfm()
+    optimizer = _sgd(model.parameters())
+    _train_eagerly(model, optimizer, 1)
+    grads = [("head.2.weight", torch.zeros_like(model.head[2].weight))]
+    before = _fingerprint.scan(model, optimizer, grads)
+    assert len(before.params) == len(list(model.parameters()))  # the optimizer's are the model's
+    again = _fingerprint.scan(model, optimizer, grads)
+    assert again.layout == before.layout and again.mode == before.mode
+
+    def change(mutate):
+        mutate()
+        now = _fingerprint.scan(model, optimizer, grads)
+        return _fingerprint.first_change(model, optimizer, grads, before.layout, now.layout)
+
+    p = model.body[0].weight
+    assert change(lambda: setattr(p, "data", p.data.clone())).startswith("body.0.weight moved (data_ptr 0x")
+    before = _fingerprint.scan(model, optimizer, grads)
+    assert change(lambda: model.to(memory_format=torch.channels_last)).endswith(
+        "stride (27, 9, 3, 1) -> (27, 1, 9, 3))")
+    before = _fingerprint.scan(model, optimizer, grads)
+    state = optimizer.state[model.head[2].bias]
+    index = [id(q) for q in model.parameters()].index(id(model.head[2].bias))
+    assert change(lambda: state.update(momentum_buffer=state["momentum_buffer"].clone())) == (
+        f"optimizer state 'momentum_buffer' of param_groups[0]['params'][{index}] was replaced by another tensor")
+    before = _fingerprint.scan(model, optimizer, grads)
+    assert change(lambda: grads[0][1].set_(torch.zeros(5, 16))).startswith("the fixed .grad of head.2.weight moved (data_ptr")
+    before = _fingerprint.scan(model, optimizer, grads)
+    model.frontend[1].eval()
+    model.body[0].bias.requires_grad_(False)
+    now = _fingerprint.scan(model, optimizer, grads)
+    assert _fingerprint.mode_change(model, optimizer, before.mode, now.mode) == "frontend.1.training True -> False"
+    model.frontend[1].train()
+    now = _fingerprint.scan(model, optimizer, grads)
+    assert _fingerprint.mode_change(model, optimizer, before.mode, now.mode) == "body.0.bias.requires_grad True -> False"
+
+
 def test_qr_modules_finds_the_modules_that_reorthogonalise():
     fused, reference = _graph.qr_modules(small_dfm())
     assert [m.Q.shape[0] for m in fused] == [24] and reference == []
@@ -430,6 +469,16 @@ def test_simulated_lr_scheduler_made_after_capture_is_no_change(sim):
     twins.graphed_opt.param_groups[0]["lr"] = 0.01
     with pytest.raises(dfm_fused.CaptureError, match=r"param_groups\[0\]\['lr'\]: 0.1 -> 0.01"):
         twins.step(*batch())
+
+
+def test_simulated_iteration_that_rebinds_a_parameter_cannot_be_captured(sim):
+    """A forward that gives a parameter new storage each call: every replay would use the storage
+    it had at capture."""
+    model = small_dfm()
+    model.head.register_forward_hook(lambda module, args, out: setattr(module[2].bias, "data", module[2].bias.data.clone()))
+    with pytest.raises(dfm_fused.CaptureError, match=r"the training iteration itself rebinds .*head\.2\.bias moved"):
+        dfm_fused.capture_train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, batch(),
+                                     T=2, warmup=2)
 
 
 @pytest.mark.parametrize("change", ["submodule train (BatchNorm)", "p.data = new tensor", "channels_last"])

@@ -29,7 +29,7 @@ from dfm_fused import _checks
 from dfm_fused.capture import _fingerprint, _graph
 from dfm_fused.capture._guards import CaptureError, input_tensor, model_device, require_cuda
 from dfm_fused.capture._state import Snapshot
-from dfm_fused.capture.train import autocast, check_common
+from dfm_fused.capture.train import autocast, check_common, check_unchanged
 
 __all__ = ["CapturedInference", "capture_inference"]
 
@@ -156,16 +156,15 @@ class CapturedInference:
         return entry.logits.clone()
 
     def _entry(self, x):
-        if self._layout is not None:
-            now = _fingerprint.layout(self.model)
-            if now != self._layout:
-                self.notes.append(f"{_fingerprint.first_change(self._layout, now)}: graphs dropped, captured anew")
-                self.reset()
+        scan = _fingerprint.scan(self.model)
+        if self._layout is not None and scan.layout != self._layout:
+            change = _fingerprint.first_change(self.model, None, (), self._layout, scan.layout)
+            self.notes.append(f"{change}: graphs dropped, captured anew")
+            self.reset()
         if self.atol is not None and self.model.training:
             raise ValueError("model: early stop (atol) is captured in eval mode only (call model.eval() before "
                              "calling the captured inference): in training mode the first step re-orthogonalises Q")
-        mode = _fingerprint.mode(self.model, with_requires_grad=False)
-        key = (tuple(x.shape), x.dtype, mode)
+        key = (tuple(x.shape), x.dtype, scan.mode)
         entry = self._graphs.get(key)
         stale = isinstance(entry, _Fixed) and _graph.stale_decision(entry.decisions)
         if stale:
@@ -173,18 +172,11 @@ class CapturedInference:
         if entry is None or stale:
             self._qr.prepare(self.T)
             static_x = x.detach().clone()
-            before = _fingerprint.layout(self.model)
             early = self.atol is not None and self.T >= 1
             entry = self._capture_early_stop(static_x) if early else self._capture_fixed(static_x)
-            after = _fingerprint.layout(self.model)
-            if after != before or _fingerprint.mode(self.model, with_requires_grad=False) != mode:
-                raise CaptureError(
-                    f"{API}: the forward itself rebinds a tensor of the model or changes a module's mode "
-                    f"({_fingerprint.first_change(before, after)}); a graph keeps the tensors and modes it was "
-                    "captured with. Update such tensors in place (tensor.copy_) instead of assigning new ones."
-                )
+            check_unchanged(API, "the forward", self.model, None, scan)
             self._graphs[key] = entry
-            self._layout = after
+            self._layout = scan.layout
         return entry
 
     def _warm_up(self, run) -> None:

@@ -60,6 +60,23 @@ def check_common(model, T, autocast_dtype, warmup, mode) -> int:
     return T
 
 
+def check_unchanged(api: str, what: str, model, optimizer, before: _fingerprint.Scan) -> None:
+    """Raise if capturing ``what`` rebound a tensor of the model or optimizer or changed a mode
+    since ``before`` (shared with :func:`dfm_fused.capture_inference`)."""
+    after = _fingerprint.scan(model, optimizer)
+    if after.layout != before.layout:
+        raise CaptureError(
+            f"{api}: {what} itself rebinds a tensor of the model or optimizer "
+            f"({_fingerprint.first_change(model, optimizer, (), before.layout, after.layout)}); a graph would keep "
+            "using the one it was captured with. Update such tensors in place (tensor.copy_) instead of assigning new ones."
+        )
+    if after.mode != before.mode:
+        raise CaptureError(
+            f"{api}: {what} itself changes {_fingerprint.mode_change(model, optimizer, before.mode, after.mode)}; "
+            "a graph keeps the mode it was captured in, so it cannot replay that change"
+        )
+
+
 def autocast(dtype):
     """CUDA autocast without its weight-cast cache: a cast cached before capture would be read
     by the graph at its old address, one cached during capture would never be refreshed."""
@@ -175,7 +192,7 @@ class CapturedTrainStep:
         self._first_mode: tuple | None = None
         self.reset()
         x, target = (input_tensor(name, t, self.device) for name, t in zip(("x", "target"), example_inputs))
-        self._capture(x, target, T, True, self._holding())
+        self._capture(x, target, T, True, self._scan())
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory); the next call captures anew."""
@@ -192,9 +209,8 @@ class CapturedTrainStep:
         input_tensor("x", x, self.device)
         input_tensor("target", target, self.device)
         self._check_optimizer()
-        self._check_layout()
-        holding = self._holding()
-        key = self._key(x, target, T, optimizer_step, holding)
+        scan = self._scan()
+        key = self._key(x, target, T, optimizer_step, scan)
         entry = self._graphs.get(key)
         if entry is not None:
             stale = _graph.stale_decision(entry.decisions)
@@ -203,7 +219,7 @@ class CapturedTrainStep:
                 del self._graphs[key]
                 entry = None
         if entry is None and not (optimizer_step and self._needs_eager):
-            entry = self._capture(x, target, T, bool(optimizer_step), holding)
+            entry = self._capture(x, target, T, bool(optimizer_step), scan)
         if entry is None:
             self._needs_eager = False
             self.counts["eager"] += 1
@@ -218,29 +234,20 @@ class CapturedTrainStep:
         self.counts["replays"] += 1
         return entry.loss.clone()
 
-    def _params(self) -> list[torch.Tensor]:
-        """The model's parameters, then the optimizer's that are not the model's, each once."""
-        return list({id(p): p for p in (*self.model.parameters(), *optimizer_params(self.optimizer))}.values())
-
-    def _holding(self) -> tuple:
-        """Indices in ``_params()`` of the parameters that hold a gradient."""
-        return tuple(i for i, p in enumerate(self._params()) if p.grad is not None)
-
-    def _key(self, x, target, T, optimizer_step, holding) -> tuple:
-        return (tuple(x.shape), x.dtype, tuple(target.shape), target.dtype, T, bool(optimizer_step), holding,
-                _fingerprint.mode(self.model, with_requires_grad=True))
-
-    def _layout_now(self) -> tuple:
-        return _fingerprint.layout(self.model, self.optimizer, self._grads.values())
-
-    def _check_layout(self) -> None:
-        """Drop every graph if a tensor they replay on moved (see :mod:`._fingerprint`)."""
-        if self._layout is None:
-            return
-        now = self._layout_now()
-        if now != self._layout:
-            self.notes.append(f"{_fingerprint.first_change(self._layout, now)}: graphs dropped, captured anew")
+    def _scan(self) -> _fingerprint.Scan:
+        """The model and optimizer now; every graph dropped if a tensor they replay on moved."""
+        scan = _fingerprint.scan(self.model, self.optimizer, self._grads.values())
+        if self._layout is not None and scan.layout != self._layout:
+            change = _fingerprint.first_change(self.model, self.optimizer, self._grads.values(), self._layout, scan.layout)
+            self.notes.append(f"{change}: graphs dropped, captured anew")
             self.reset()
+        return scan
+
+    def _key(self, x, target, T, optimizer_step, scan) -> tuple:
+        """The case a graph is for; its last two entries: the indices in ``scan.params`` of the
+        parameters that hold a gradient, and ``scan.mode``."""
+        holding = tuple(i for i, p in enumerate(scan.params) if p.grad is not None)
+        return (tuple(x.shape), x.dtype, tuple(target.shape), target.dtype, T, bool(optimizer_step), holding, scan.mode)
 
     def _iteration(self, x, target, T, optimizer_step, zero):
         if zero:
@@ -256,13 +263,13 @@ class CapturedTrainStep:
             self.optimizer.step()
         return loss.detach()
 
-    def _capture(self, x, target, T, optimizer_step, holding) -> _Graph | None:
+    def _capture(self, x, target, T, optimizer_step, scan) -> _Graph | None:
         """Warm up for this case, capture it and cache it; ``None`` if the optimizer must step eagerly first."""
-        key = self._key(x, target, T, optimizer_step, holding)
+        key = self._key(x, target, T, optimizer_step, scan)
+        holding, params = key[-2], scan.params
         static_x, static_target = x.detach().clone(), target.detach().clone()
         self._qr.prepare(T)
-        params = self._params()
-        before = _fingerprint.layout(self.model, self.optimizer)
+        before = _fingerprint.scan(self.model, self.optimizer)
         decisions = _graph.bake_scalar_decay(self.model, T)
         snapshot = Snapshot(self.model, self.optimizer, self.device)
         reached: list[torch.Tensor] = []
@@ -300,32 +307,20 @@ class CapturedTrainStep:
                 API, lambda: self._iteration(static_x, static_target, T, optimizer_step, zero),
                 self._stream, self.mode, "the training iteration", self._pool,
             )
-        self._check_unchanged(before, key)
+        self._check_unchanged(before)
         if optimizer_step and self._hyper is None:
             self._hyper = hyperparameters(self.optimizer)
         self.counts["captures"] += 1
         self._note_capture(key, decisions, T)
         attributes = {name: self.model.__dict__[name] for name in MODEL_ATTRIBUTES if name in self.model.__dict__}
         entry = self._graphs[key] = _Graph(graph, static_x, static_target, loss, attributes, bound, decisions)
-        self._layout = self._layout_now()
+        self._layout = _fingerprint.scan(self.model, self.optimizer, self._grads.values()).layout
         return entry
 
-    def _check_unchanged(self, before: tuple, key: tuple) -> None:
+    def _check_unchanged(self, before: _fingerprint.Scan) -> None:
         """The iteration itself must leave the model's tensors and modes as they were: a graph
         keeps replaying on the tensors and in the modes it was captured with."""
-        after = _fingerprint.layout(self.model, self.optimizer)
-        if after != before:
-            raise CaptureError(
-                f"{API}: the training iteration itself rebinds a tensor of the model or optimizer "
-                f"({_fingerprint.first_change(before, after)}); a graph would keep using the one it was captured "
-                "with. Update such tensors in place (tensor.copy_) instead of assigning new ones."
-            )
-        mode = _fingerprint.mode(self.model, with_requires_grad=True)
-        if mode != key[-1]:
-            raise CaptureError(
-                f"{API}: the training iteration itself changes {_fingerprint.mode_change(self.model, key[-1], mode)}; "
-                "a graph keeps the mode it was captured in, so it cannot replay that change"
-            )
+        check_unchanged(API, "the training iteration", self.model, self.optimizer, before)
 
     def _note_capture(self, key: tuple, decisions: list, T: int) -> None:
         mode = key[-1]
@@ -333,7 +328,7 @@ class CapturedTrainStep:
             self._first_mode = mode
         elif mode != self._first_mode:
             self.notes.append(f"captured a graph for another mode than the first ("
-                              f"{_fingerprint.mode_change(self.model, self._first_mode, mode)})")
+                              f"{_fingerprint.mode_change(self.model, self.optimizer, self._first_mode, mode)})")
         scalar = [name for name, _, uniform in decisions if uniform]
         if scalar:
             note = (f"scalar-decay path (|S| uniform, M = d I) baked into the graph at T={T} for {', '.join(scalar)}; "

@@ -1,5 +1,7 @@
-"""CUDA graph capture (dfm_fused.capture): argument checks, errors and bookkeeping on the CPU;
-the captured training step and inference against eager on a CUDA device (skipped without one)."""
+"""CUDA graph capture (dfm_fused.capture): argument checks, errors and bookkeeping on the CPU; the
+captured step and inference against eager on CUDA graphs simulated on the CPU (tests/_capture_sim.py:
+what a graph keeps from its capture, and which changes to the model make it stale) and on a CUDA
+device (skipped without one)."""
 from __future__ import annotations
 
 import copy
@@ -319,14 +321,15 @@ class Twins:
     ``uniform_S=False``: S spread over [0.6, 1.4], so that eager and graph take the general decay
     path, whatever the capture code decides about the scalar one."""
 
-    def __init__(self, params=lambda model: model.parameters(), T=3, uniform_S=False):
-        self.eager, self.graphed = small_dfm(), small_dfm()
+    def __init__(self, params=lambda model: model.parameters(), T=3, uniform_S=False, device="cpu"):
+        self.device = device
+        self.eager, self.graphed = small_dfm().to(device), small_dfm().to(device)
         if not uniform_S:
             for model in (self.eager, self.graphed):
                 model.error_head.S.data.copy_(torch.linspace(0.6, 1.4, model.error_head.S.numel()))
         self.eager_opt, self.graphed_opt = _sgd(params(self.eager)), _sgd(params(self.graphed))
-        self.step = dfm_fused.capture_train_step(self.graphed, self.graphed_opt, F.cross_entropy, batch(), T=T,
-                                                 warmup=2)
+        self.step = dfm_fused.capture_train_step(self.graphed, self.graphed_opt, F.cross_entropy,
+                                                 batch(device=device), T=T, warmup=2)
         self.calls = 0
 
     def both(self, change):
@@ -335,7 +338,7 @@ class Twins:
 
     def call(self, T=3, optimizer_step=True, zero_grad=True):
         self.calls += 1
-        x, y = batch(seed=100 + self.calls)
+        x, y = batch(seed=100 + self.calls, device=self.device)
         if zero_grad:
             self.eager_opt.zero_grad()
         torch.manual_seed(self.calls)  # the initial state's draw
@@ -402,6 +405,36 @@ def test_simulated_step_after_a_change_to_the_model_equals_eager(change, sim):
     for _ in range(2):
         twins.call()
         twins.assert_same()
+
+
+@needs_cuda
+@pytest.mark.parametrize("change", [*CHANGES, ".cpu().cuda()"])
+def test_step_after_a_change_to_the_model_equals_eager_on_cuda(change, deterministic):
+    """The simulated cases above on real CUDA graphs, where a stale graph reads freed memory."""
+    twins = Twins(device="cuda")
+    twins.call()  # eager: SGD creates its momentum buffers at its first step
+    twins.call()
+    twins.assert_same()
+    twins.both(CHANGES.get(change, lambda model: model.cpu().cuda()))
+    for _ in range(2):
+        twins.call()
+        twins.assert_same()
+    assert twins.step.counts["replays"] >= 2, twins.step.counts
+
+
+@needs_cuda
+def test_T0_calls_outside_parameters_and_one_pool_on_cuda(deterministic):
+    twins = Twins(params=lambda model: model.body.parameters(), device="cuda", uniform_S=True)
+    for T, zero_grad in ((3, True), (0, True), (3, False), (0, False), (3, True)):
+        twins.call(T=T, zero_grad=zero_grad)
+        twins.assert_same()
+    assert any("scalar" in note for note in twins.step.notes), twins.step.notes
+    S = torch.linspace(0.2, 3.0, twins.eager.error_head.S.numel(), device="cuda")
+    twins.both(lambda model: model.error_head.S.data.copy_(S))
+    twins.call()
+    twins.assert_same()
+    step_graphs = twins.step._graphs.values()
+    assert len(step_graphs) >= 2 and len({g.graph.pool() for g in step_graphs}) == 1
 
 
 def test_simulated_T0_call_gives_no_gradient_to_the_steps(sim):

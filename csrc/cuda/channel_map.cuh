@@ -186,19 +186,25 @@ __global__ void __launch_bounds__(THREADS) outer_partial_kernel(const OuterParam
   const int64_t q_begin = static_cast<int64_t>(blockIdx.z) * chunk;
   const int64_t q_end = q_begin + chunk < P ? q_begin + chunk : P;
   acc_t acc[4][4] = {};
+  // A thread loads pixel q0 + kk of channels cc0, cc0 + 16, ...: THREADS is a multiple of BK, so
+  // its pixel is the same in all four loads, and its image and offset are divided out once per
+  // K-step (with them recomputed per load, ptxas spilled on sm_80).
+  static_assert(THREADS % BK == 0 && THREADS / BK * 4 == BM, "one pixel per thread and K-step");
+  const int kk = tid % BK, cc0 = tid / BK;
   for (int64_t q0 = q_begin; q0 < q_end; q0 += BK) {
+    const int64_t q = q0 + kk;
+    const bool inside = q < q_end;
+    const int64_t b = inside ? q / HW : 0, pixel = (inside ? q % HW : 0) + b * C * HW;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int e = tid + r * THREADS, cc = e / BK, kk = e % BK;
-      const int64_t q = q0 + kk;
+      const int cc = cc0 + r * (THREADS / BK);
       acc_t va = 0, vg = 0;
-      if (q < q_end) {
-        const int64_t b = q / HW, p = q % HW;
+      if (inside) {
         if (i0 + cc < C) {
           const int c = i0 + cc;
-          va = load_in<scalar_t, acc_t, NORM>(a, (b * C + c) * HW + p, mean, rstd, b * groups + c / cpg);
+          va = load_in<scalar_t, acc_t, NORM>(a, pixel + c * HW, mean, rstd, b * groups + c / cpg);
         }
-        if (j0 + cc < C) vg = static_cast<acc_t>(g[(b * C + j0 + cc) * HW + p]);
+        if (j0 + cc < C) vg = static_cast<acc_t>(g[pixel + (j0 + cc) * HW]);
       }
       As[kk][cc] = va;
       Gs[kk][cc] = vg;

@@ -2,14 +2,23 @@
 
 Every GPU kernel must compile for the GPUs users have and fit their resources. Two checks, each
 printing one row per kernel (registers per thread, spill stores/loads in bytes, shared memory per
-block in bytes, for each architecture) and exiting non-zero on a compile error, a register spill,
-shared memory over the architecture's limit, or a kernel it could not measure:
+block in bytes, for each architecture) and exiting non-zero on a compile error, a register spill
+(Triton: beyond the known spills below), shared memory over the architecture's limit, or a kernel
+it could not measure:
 
 ``triton``: compiles every Triton kernel of dfm_fused, for every dtype, specialisation and
 autotune config the backends launch, for sm_90 and sm_80 (``triton.compile`` for a target needs no
 GPU), and reads triton's own ``ptxas -v`` log of each compile (the ptxas, flags and target triton
 uses). The shared memory is the block's (``metadata.shared``). A kernel must also have a config
 within 99 KiB, the block limit of sm_86, sm_89 and sm_120, or it could not run there at all.
+
+Known spills: every Triton kernel variant must have, on each architecture, a config without
+spills for autotuning to pick. Other configs may spill only as ``scripts/known_spills.json``
+records (the triton version, and the bytes per config and architecture): such a config passes
+while its spill stays within the record (its row says ``known spill``); a new spill, a larger one,
+or a recorded one that is gone (with the recorded triton: shrink the record) fails. ``--record``
+rewrites the file from a full run. A recorded config stays in the autotune list until a GPU shows
+it is never the fastest (a few spilled bytes can beat a smaller tile).
 
 ``cuda``: the CUDA extension's kernels (csrc/cuda) as built: the kernels each architecture's
 cubin in the library holds (``cuobjdump -res-usage``: registers, static shared memory) and their
@@ -20,6 +29,7 @@ memory, so their static shared memory is all they use; its limit is 48 KiB on ev
 
 Usage (from the repository root):
   PYTHONPATH=. python scripts/check_gpu_compile.py triton [--arch 90,80] [--quick] [--only SUBSTRING] [--jobs N]
+                                                           [--record]
   python scripts/check_gpu_compile.py cuda --log BUILD_LOG (--wheel WHEEL | --library _C.so)
 --quick: the first config of each kernel only; --only: kernels whose label contains SUBSTRING.
 The Triton check needs triton >= 3.3 (ASTSource with tuple-keyed constexprs) and imports the
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -51,6 +62,7 @@ SMALLEST_SHARED_LIMIT = min(BLOCK_SHARED_LIMIT.values())
 # Static __shared__ arrays: 48 KiB per block on every GPU.
 STATIC_SHARED_LIMIT = 48 * KIB
 TRITON_ARCHS = (90, 80)
+KNOWN_SPILLS = Path(__file__).with_name("known_spills.json")
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
@@ -217,6 +229,17 @@ def _configs(tuner, const):
     return configs
 
 
+def config_text(config) -> str:
+    """How a table row (and the record of known spills) names an autotune config."""
+    return f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}"
+
+
+def config_labels() -> set[str]:
+    """The label of every kernel variant and config the Triton check compiles (no compiling)."""
+    return {f"{name} {config_text(config)}" for name, tuner, _, const in triton_cases()
+            for config in _configs(tuner, const)}
+
+
 def _compile_triton(job: tuple[int, int, int]) -> tuple[str, int, Usage | None, str]:
     """Compile config ``config_index`` of case ``case_index`` for ``arch``: (config text, arch, usage, error)."""
     import triton
@@ -233,7 +256,7 @@ def _compile_triton(job: tuple[int, int, int]) -> tuple[str, int, Usage | None, 
         raise ValueError(f"{name}: the check gives no value for {missing}")
     signature = {a: sig[a] if a in sig else "constexpr" for a in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in full.items()})
-    text = f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}"
+    text = config_text(config)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas's report here
@@ -253,7 +276,65 @@ def _compile_triton(job: tuple[int, int, int]) -> tuple[str, int, Usage | None, 
     return text, arch, usage, ""
 
 
-def check_triton(archs: list[int], quick: bool, only: str, jobs: int) -> int:
+def load_known_spills(path: Path = KNOWN_SPILLS) -> tuple[str | None, dict[str, dict[str, list[int]]]]:
+    """(triton version, {config label: {"sm_XX": [spill stores, spill loads]}}) of the record; none if absent."""
+    if not path.exists():
+        return None, {}
+    record = json.loads(path.read_text())
+    return record["triton"], record["spills"]
+
+
+def judge_spills(table, known: dict, same_triton: bool, compiled_archs: list[str]) -> list[str]:
+    """Move each spill within ``known`` from a row's problems to a ``known spill`` note, in place;
+    returns the failures for recorded spills that are gone (only when ``same_triton``)."""
+    stale = []
+    for index, (label, per_arch, problems) in enumerate(table):
+        recorded = known.get(label, {})
+        kept, notes = [], []
+        for problem in problems:
+            arch = problem.split(":", 1)[0]
+            usage, limit = per_arch.get(arch), recorded.get(arch)
+            if (problem.startswith(f"{arch}: spills") and limit is not None
+                    and usage.spill_stores <= limit[0] and usage.spill_loads <= limit[1]):
+                notes.append(f"{arch}: known spill {usage.spill_stores}/{usage.spill_loads} B")
+            else:
+                kept.append(problem)
+        if same_triton:
+            for arch, (stores, loads) in recorded.items():
+                usage = per_arch.get(arch)
+                if arch in compiled_archs and usage is not None and usage.measured() and not (
+                        usage.spill_stores or usage.spill_loads):
+                    stale.append(f"{label}: {arch}: recorded spill {stores}/{loads} B is gone; rewrite "
+                                 f"{KNOWN_SPILLS.name} with --record")
+        table[index] = (label, per_arch, kept + [f"({n})" for n in notes])
+    return stale
+
+
+def without_spill_free_config(compiled: list[tuple[str, str, Usage | None]]) -> list[tuple[str, str]]:
+    """(kernel variant, arch) pairs none of whose configs compiled without spills: autotuning,
+    whatever the record of known spills says, must have a config without spills to pick."""
+    spill_free: dict[tuple[str, str], bool] = {}
+    for variant, arch, usage in compiled:
+        clean = usage is not None and usage.measured() and not (usage.spill_stores or usage.spill_loads)
+        spill_free[variant, arch] = spill_free.get((variant, arch), False) or clean
+    return sorted(key for key, clean in spill_free.items() if not clean)
+
+
+def record_spills(table, path: Path = KNOWN_SPILLS) -> None:
+    import triton
+
+    spills = {label: {arch: [u.spill_stores, u.spill_loads] for arch, u in sorted(per_arch.items())
+                      if u.measured() and (u.spill_stores or u.spill_loads)}
+              for label, per_arch, _ in table}
+    about = ("Triton configs that spill: bytes stored, loaded per architecture. Written by "
+             "scripts/check_gpu_compile.py triton --record; see that script's docstring")
+    entries = [f"  {json.dumps(label)}: {json.dumps(arch)}" for label, arch in sorted(spills.items()) if arch]
+    path.write_text(f'{{\n "triton": {json.dumps(triton.__version__)},\n "about": {json.dumps(about)},\n'
+                    ' "spills": {\n' + ",\n".join(entries) + "\n }\n}\n")
+    print(f"recorded {len(entries)} spilling configs in {path}")
+
+
+def check_triton(archs: list[int], quick: bool, only: str, jobs: int, record: bool = False) -> int:
     for var, bad in (("TRITON_INTERPRET", "1"), ("DFM_FUSED_AUTOTUNE", "0")):
         if os.environ.get(var) == bad:
             raise SystemExit(f"{var}={bad} narrows the kernels' configs to one; unset it for this check")
@@ -293,14 +374,28 @@ def check_triton(archs: list[int], quick: bool, only: str, jobs: int) -> int:
         if usage.shared is not None:
             best_shared[labels[key]] = min(best_shared.get(labels[key], usage.shared), usage.shared)
     table = list(rows.values())
-    failures = sum(1 for _, _, problems in table if problems)
+    if record:
+        record_spills(table)
+    version, known = load_known_spills()
+    if known and version != triton.__version__:
+        print(f"{KNOWN_SPILLS.name} was recorded with triton {version}: recorded spills pass within their "
+              "bytes, gone ones are not checked")
+    stale = judge_spills(table, known, version == triton.__version__, [f"sm_{a}" for a in archs])
+    failures = sum(1 for _, _, problems in table if any(not p.startswith("(") for p in problems))
+    known_rows = sum(1 for _, _, problems in table if any(p.startswith("(") for p in problems))
     print_table("Triton kernels: registers, spill stores/loads (bytes), shared memory per block (bytes)",
                 table, [f"sm_{a}" for a in sorted(archs)])
     too_big = sorted(name for name, shared in best_shared.items() if shared > SMALLEST_SHARED_LIMIT)
     for name in too_big:
         print(f"FAIL {name}: no config within {SMALLEST_SHARED_LIMIT} B of shared memory (sm_86, sm_89, sm_120)")
-    failures += len(too_big)
-    print(f"Triton: {len(table)} configs, {failures} failure(s)")
+    for line in stale:
+        print(f"FAIL {line}")
+    always_spilling = without_spill_free_config(
+        [(labels[(i, j)], f"sm_{arch}", usage) for (i, j, arch), (_, _, usage, _) in zip(jobs_list, results)])
+    for name, arch in always_spilling:
+        print(f"FAIL {name}: {arch}: every config spills")
+    failures += len(too_big) + len(stale) + len(always_spilling)
+    print(f"Triton: {len(table)} configs, {known_rows} with known spills ({KNOWN_SPILLS.name}), {failures} failure(s)")
     return 1 if failures else 0
 
 
@@ -413,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     tri.add_argument("--quick", action="store_true", help="the first config of each kernel only")
     tri.add_argument("--only", default="", help="kernels whose label contains this")
     tri.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
+    tri.add_argument("--record", action="store_true",
+                     help=f"rewrite {KNOWN_SPILLS.name} with the spills of this run (a full run: no --quick or --only)")
     cu = sub.add_parser("cuda", help="the CUDA extension's kernels, from a built library and its build log")
     cu.add_argument("--log", type=Path, required=True, help="the build's output (DFM_FUSED_PTXAS_VERBOSE=1)")
     src = cu.add_mutually_exclusive_group(required=True)
@@ -426,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--arch: expected capabilities among {sorted(BLOCK_SHARED_LIMIT)}; got {unknown}")
         if args.jobs < 1:
             parser.error(f"--jobs: expected >= 1; got {args.jobs}")
-        return check_triton(archs, args.quick, args.only, args.jobs)
+        if args.record and (args.quick or args.only or sorted(archs) != sorted(TRITON_ARCHS)):
+            parser.error("--record: expected a full run (no --quick, --only or --arch)")
+        return check_triton(archs, args.quick, args.only, args.jobs, args.record)
     if args.wheel is not None:
         with tempfile.TemporaryDirectory() as tmp:
             return check_cuda(args.log, extension_from_wheel(args.wheel, Path(tmp)))

@@ -120,4 +120,55 @@ def test_triton_kernel_compiled_and_measured_for_sm80_and_sm90():
     cells = [cell.split() for cell in row.split("|")[1:3]]  # sm_80, sm_90: regs, spills, smem
     for regs, spill, smem in cells:
         assert int(regs) > 0 and spill == "0/0" and int(smem) >= 0, row
-    assert "1 configs, 0 failure(s)" in run.stdout
+    assert "Triton: 1 configs, 0 with known spills" in run.stdout and "0 failure(s)" in run.stdout
+
+
+def _row(label, **per_arch):
+    """A table row as check_triton makes it: spills (stores, loads) per arch, problems as found."""
+    usages = {arch: check.Usage(registers=255, spill_stores=st, spill_loads=ld, shared=0)
+              for arch, (st, ld) in per_arch.items()}
+    problems = [f"{arch}: {p}" for arch, u in usages.items() for p in check.problems_of(u, 1 << 20)]
+    return (label, usages, problems)
+
+
+def test_known_spills_pass_within_the_record_and_nothing_else():
+    known = {"k {a}": {"sm_90": [8, 8]}, "gone {b}": {"sm_80": [4, 4]}}
+    table = [_row("k {a}", sm_90=(8, 8), sm_80=(0, 0)),       # as recorded: passes, noted
+             _row("k {c}", sm_90=(8, 8)),                     # not recorded: fails
+             _row("gone {b}", sm_80=(0, 0)),                  # recorded, gone: stale
+             _row("grown {d}", sm_90=(16, 8))]
+    known["grown {d}"] = {"sm_90": [8, 8]}                   # larger than recorded: fails
+    stale = check.judge_spills(table, known, same_triton=True, compiled_archs=["sm_80", "sm_90"])
+    verdicts = {label: problems for label, _, problems in table}
+    assert verdicts["k {a}"] == ["(sm_90: known spill 8/8 B)"]
+    assert verdicts["k {c}"] == ["sm_90: spills 8 B stored / 8 B loaded"]
+    assert verdicts["grown {d}"] == ["sm_90: spills 16 B stored / 8 B loaded"]
+    assert len(stale) == 1 and stale[0].startswith("gone {b}: sm_80: recorded spill 4/4 B is gone")
+    # With another triton a gone spill is not a failure (the record is that version's).
+    table = [_row("gone {b}", sm_80=(0, 0))]
+    assert check.judge_spills(table, known, same_triton=False, compiled_archs=["sm_80"]) == []
+
+
+def test_a_kernel_variant_needs_a_config_without_spills_on_every_arch():
+    def usage(spill):
+        return check.Usage(registers=200, spill_stores=spill, spill_loads=spill, shared=0)
+
+    compiled = [("a", "sm_80", usage(8)), ("a", "sm_80", usage(0)), ("a", "sm_90", usage(4)),
+                ("a", "sm_90", usage(4)), ("b", "sm_90", None), ("b", "sm_90", usage(0))]
+    assert check.without_spill_free_config(compiled) == [("a", "sm_90")]
+
+
+def test_the_record_names_configs_the_kernels_have():
+    """Every recorded config is one the check compiles: a label of the record that no kernel
+    variant and config makes would pass nothing and hide a rename."""
+    pytest.importorskip("triton.backends.nvidia")
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("DFM_FUSED_AUTOTUNE") == "0":
+        pytest.skip("the interpreter and the autotune test hook narrow the configs to one")
+    record = check.load_known_spills()[1]
+    assert record, "scripts/known_spills.json is empty or missing"
+    labels = check.config_labels()
+    assert len(labels) > 100
+    for label, per_arch in record.items():
+        assert label in labels, f"{label}: recorded but no kernel config is named so"
+        assert set(per_arch) <= {"sm_80", "sm_90"} and all(st >= 0 and ld >= 0 for st, ld in per_arch.values())
+        assert any(st or ld for st, ld in per_arch.values()), label

@@ -34,6 +34,9 @@ def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
     # Two ops x (reference + each fused CPU backend here) + the end-to-end variants.
     n_cases = 2 * (1 + len(C.fused_impls("cpu"))) + len(C.E2E_IMPLS)
     assert f"[{n_cases}/{n_cases}]" in printed and "speed-up" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("| case |"))
+    assert "IQR %" in header
+    assert not {"launches", "device ms", "of floor"} & {c.strip() for c in header.split("|")}, header
 
     data = json.loads(out.read_text())
     assert data["meta"]["device_type"] == "cpu" and data["meta"]["torch"]
@@ -49,7 +52,13 @@ def test_cli_tiny_run_writes_valid_json(tmp_path, capsys):
         assert impls - {"reference", "compile"}, f"{group}: no fused entry"
         reference = next(r for r in members if r["impl"] == "reference")
         for r in members:
-            assert r["time_s"]["median"] > 0 and r["time_s"]["repeats"] >= 2
+            time_s = r["time_s"]
+            assert time_s["median"] > 0 and time_s["repeats"] >= 3
+            assert time_s["q25"] <= time_s["median"] <= time_s["q75"]
+            assert time_s["iqr"] == pytest.approx(time_s["q75"] - time_s["q25"])
+            assert isinstance(time_s["noisy"], bool) and isinstance(time_s["retimed"], bool)
+            # The profiler counts launches on CUDA only (on the CPU it printed its own chatter).
+            assert "launches" not in r and "device_time_s" not in r
             assert r["memory"]["saved_bytes"] > 0 and r["memory"]["peak_bytes"] >= 0
             assert math.isfinite(r["speedup"]) and r["speedup"] > 0, (group, r["impl"], r.get("speedup"))
             # A peak ratio needs a reference pass that grew the process (page granularity); a
@@ -183,3 +192,88 @@ def test_run_sh_says_what_it_does_before_each_long_step(tmp_path):
     torch_install = next(i for i, line in enumerate(lines) if "torch==" in line and line.startswith("STUB"))
     assert lines[torch_install - 1].startswith("run.sh: installing torch")
     assert lines[-1] == "STUB python -m dfm_fused --quick"
+
+
+def test_cpu_run_prints_no_profiler_chatter_or_cuda_error():
+    """Before: a CPU run printed a USDT profiler_start/stop line per op case (torch.profiler, for
+    launch counts) and kineto's "gpuGetDeviceCount failed" error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfm_fused", "--device", "cpu", "--quick", "--no-e2e", "--ops", "exp_decay",
+         "--shapes", "resnet18", "--budget", "0", "--threads", "1", "--no-rss", "--json", "/dev/null", "--png",
+         "/dev/null"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    chatter = [line for line in (proc.stdout + proc.stderr).splitlines()
+               if "usdt" in line.lower() or "error" in line.lower()]
+    assert not chatter, chatter
+
+
+def test_a_wide_spread_is_retimed_once_then_marked_noisy(monkeypatch):
+    from dfm_fused.bench import measure
+
+    def timed(iqr):
+        return {"median": 1.0, "q25": 1.0, "q75": 1.0 + iqr, "iqr": iqr, "repeats": 3, "retimed": False}
+
+    for spreads, retimed, noisy in (([0.1], False, False), ([0.5, 0.1], True, False), ([0.5, 0.4], True, True)):
+        calls = iter(spreads)
+        monkeypatch.setattr(measure, "_timed", lambda bench, min_repeats, budget_s: timed(next(calls)))
+        result = measure.time_bench(None)
+        assert (result["retimed"], result["noisy"]) == (retimed, noisy), spreads
+        assert result["iqr"] == spreads[-1]
+        assert next(calls, None) is None, f"{spreads}: timed {len(spreads) - 1} times too few"
+
+
+def test_timer_gives_quartiles_over_at_least_min_repeats():
+    from dfm_fused.bench import measure
+    from dfm_fused.bench.cases import Bench
+
+    x = torch.randn(64, 64)
+    result = measure.time_bench(Bench(lambda: x @ x, None, [x], torch.device("cpu")), min_repeats=5, budget_s=0)
+    assert result["repeats"] >= 5 and result["min"] <= result["q25"] <= result["median"] <= result["q75"]
+    assert result["runs_per_block"] >= 1
+
+
+def _record(impl, median, **extra):
+    return {"group": "g", "impl": impl, "time_s": {"median": median, "iqr": 0.5 * median, "noisy": impl == "torch"},
+            "memory": {"saved_activation_bytes": 0}, **extra}
+
+
+def test_table_marks_noisy_cases_and_shows_gpu_columns_only_when_filled():
+    from dfm_fused.bench import report
+
+    cpu = report.format_table([_record("reference", 2e-3), _record("torch", 1e-3)])
+    header = cpu.splitlines()[0]
+    assert "IQR %" in header and "launches" not in header and "of floor" not in header
+    assert "| 1.00 ~ | 50 |" in cpu and "~: noisy" in cpu
+    gpu = report.format_table([_record("reference", 2e-3, launches={"device_ops": 7}, device_time_s=1e-4,
+                                       floor_fraction=0.5)])
+    assert "launches" in gpu.splitlines()[0] and "| 7 |" in gpu and "50%" in gpu and "~: noisy" not in gpu
+    # Results recorded before the IQR was (committed JSON) still render.
+    old = report.format_table([{"group": "g", "impl": "reference", "time_s": {"median": 1e-3},
+                                "memory": {"saved_activation_bytes": 0}}])
+    assert "| 1.00 | - |" in old
+
+
+def _e2e(impl, T, seconds, peak):
+    return {"kind": "e2e", "impl": impl, "time_s": {"median": seconds},
+            "spec": {"model": "small", "mode": "train", "B": 2, "image": [32, 32], "dtype": "float32", "T": T},
+            "memory": {"peak_bytes": peak, "saved_activation_bytes": 2**20, "peak_kind": "peak RSS (test)"}}
+
+
+def test_chart_title_and_log_scale_for_an_outlier(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from dfm_fused.bench import report
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    records = [_e2e("reference", T, 0.1 * T, 2**20 * T) for T in (1, 2)]
+    records += [_e2e("fused-selective", 1, 0.1, 2**20), _e2e("fused-selective", 2, 11.8, 2**21)]
+    assert report.write_chart(tmp_path / "c.png", records, "cpu, torch x")
+    (fig,) = saved
+    title = fig.get_suptitle()
+    assert "B=2" in title and "32x32" in title and "float32" in title and "peak: peak RSS (test)" in title
+    time_axis, peak_axis, _ = fig.axes
+    assert time_axis.get_yscale() == "log" and "log scale" in time_axis.get_ylabel()
+    assert peak_axis.get_yscale() == "linear"

@@ -113,9 +113,9 @@ inline Tiling tiling_of(const at::Tensor& x) {
 
 // Few pixels (P = B*H*W): forming M costs 2 C^3 flops and applying it 2 P C^2, while applying Q,
 // diag(D) and Q^T in turn costs 4 P C^2; backward with M also forms A = sum x g^T. So, as in
-// dfm_fused/ops/common.py, M is skipped when P < C (forward) or 6 P < 4 C (backward). That is the
-// DFM state at ImageNet scale (7x7 pixels, 520+ channels, small batches). These shapes are small,
-// so the thin path is plain GEMMs on float copies. state_update's keep_M changes the count: an M
+// dfm_fused/ops/_torch/decay.py, M is skipped when P < C (forward) or 6 P < 4 C (backward).
+// That is the DFM state at ImageNet scale (7x7 pixels, 520+ channels, small batches). These
+// shapes are small, so the thin path is plain GEMMs on float copies. state_update's keep_M changes the count: an M
 // kept from the forward saves the backward a P C^2 GEMM (M g instead of Q^T (D Q g)), so forming
 // it pays for P > C/2 (ops/state_update/extension_backend.py decides; the operating point has
 // P = 512 pixels for C = 528).

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rss", action="store_true", help="skip the CPU peak-RSS subprocess")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed repeats per case (default: 1, 0.1 with --quick)")
+                   help="seconds of timed runs per case, at least 3 blocks (default: 1, 0.1 with --quick); a case "
+                        "whose interquartile range exceeds a quarter of its median is timed once more")
     p.add_argument("--json", default=None,
                    help=f"output JSON path (default: {RESULTS_DIR}/dfm_fused_bench_<device>_<date>.json)")
     p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
@@ -192,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {dtype}: {p['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, {p['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
         meta["peaks"] = peaks
     meta["notes"] = notes
-    timing = {"budget_s": args.budget if args.budget is not None else (0.1 if args.quick else 1.0),
-              "min_repeats": 2 if args.quick else 3}
+    timing = {"budget_s": args.budget if args.budget is not None else (0.1 if args.quick else 1.0), "min_repeats": 3}
     records = runner.run_cases(cases, peaks=peaks, rss=not args.no_rss, **timing)
     interrupted = len(records) < len(cases)
     if interrupted:

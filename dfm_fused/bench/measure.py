@@ -1,7 +1,10 @@
 """Timing, memory and roofline measurements for benchmark cases.
 
-- time: warm-up runs, then repeats until a time budget is spent (at least
-  ``min_repeats``); the median is the figure. ``Bench.run`` synchronises CUDA.
+- time: :class:`torch.utils.benchmark.Timer` (its warm-up and block-size estimate, then
+  blocks of runs until the time budget is spent, at least ``min_repeats`` blocks, in the
+  process's torch thread count); the median is the figure and the interquartile range its
+  spread. A case whose IQR exceeds :data:`NOISY_IQR_FRACTION` of its median is timed once
+  more; if it is still that wide it is marked noisy. ``Bench.run`` synchronises CUDA.
 - memory: bytes of the tensors the autograd graph saves (deduplicated by
   storage; also without the case's inputs and parameters), on every device; on CUDA
   also the peak of ``torch.cuda.max_memory_allocated`` above the memory in use
@@ -9,9 +12,10 @@
   before the pass, measured in a worker subprocess (:mod:`dfm_fused.bench.rss_worker`).
 - floor (CUDA): ``max(bytes / bandwidth, flops / matmul peak)`` (docs/design.md,
   'The floor') with both peaks measured in the same run.
-- launches and device time: one ``run()`` under ``torch.profiler``: the number of
+- launches and device time (CUDA only): one ``run()`` under ``torch.profiler``: the number of
   device operations (kernels, copies, memsets) and their summed duration on the device,
-  beside the wall time; the number of ATen calls on every device (host overhead).
+  beside the wall time, and the number of ATen calls the host dispatched. The CPU has no
+  launches to count, so the profiler does not run there.
 """
 from __future__ import annotations
 
@@ -21,11 +25,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 __all__ = [
+    "NOISY_IQR_FRACTION",
     "device_peaks",
     "floor_seconds",
     "graph_saved_bytes",
@@ -36,49 +40,68 @@ __all__ = [
 ]
 
 
-def time_bench(bench, warmup: int = 1, min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.0) -> dict:
-    """Wall-clock seconds per ``bench.run()``: median, min, mean, stdev over the repeats."""
-    for _ in range(warmup):
-        bench.run()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - start < budget_s):
-        if bench.device.type == "cuda":
-            torch.cuda.synchronize(bench.device)
-        t0 = time.perf_counter()
-        bench.run()
-        times.append(time.perf_counter() - t0)
+# Relative spread (IQR / median) above which a case is timed again, and marked noisy if it stays.
+NOISY_IQR_FRACTION = 0.25
+
+
+def time_bench(bench, min_repeats: int = 3, budget_s: float = 1.0) -> dict:
+    """Wall-clock seconds per ``bench.run()``: ``median``, ``q25``, ``q75``, ``iqr``, ``min``, ``mean``,
+    ``stdev`` over ``repeats`` blocks of ``runs_per_block`` runs each (per-run times), ``retimed`` and
+    ``noisy`` (see the module docstring)."""
+    timing = _timed(bench, min_repeats, budget_s)
+    if timing["iqr"] > NOISY_IQR_FRACTION * timing["median"]:
+        timing = {**_timed(bench, min_repeats, budget_s), "retimed": True,
+                  "first_iqr_fraction": timing["iqr"] / timing["median"]}
+    timing["noisy"] = timing["iqr"] > NOISY_IQR_FRACTION * timing["median"]
+    return timing
+
+
+def _timed(bench, min_repeats: int, budget_s: float) -> dict:
+    from torch.utils.benchmark import Measurement, Timer
+
+    timer = Timer("run()", globals={"run": bench.run}, num_threads=torch.get_num_threads())
+    measurements = [timer.blocked_autorange(min_run_time=budget_s)]
+    runs_per_block = measurements[0].number_per_run
+    while sum(len(m.times) for m in measurements) < min_repeats:
+        measurements.append(timer.timeit(runs_per_block))
+    times = Measurement.merge(measurements)[0].times
+    q25, q75 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.25, 0.75], dtype=torch.float64))
     return {
         "median": statistics.median(times),
+        "q25": q25.item(),
+        "q75": q75.item(),
+        "iqr": (q75 - q25).item(),
         "min": min(times),
         "mean": statistics.fmean(times),
         "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
         "repeats": len(times),
+        "runs_per_block": runs_per_block,
+        "retimed": False,
     }
 
 
 def launch_profile(bench) -> dict:
-    """One ``run()`` (after a warm one) under ``torch.profiler``.
+    """One CUDA ``run()`` (after a warm one) under ``torch.profiler``.
 
-    ``launches``: ``device_ops`` (CUDA kernels, copies and memsets; None on the CPU) and
-    ``aten_calls`` (ATen operators the host dispatched, nested ones included).
-    ``device_time_s`` (CUDA): the summed device duration of those operations, the busy
-    time of the GPU, which the wall time exceeds by the host's launch overhead.
+    ``launches``: ``device_ops`` (CUDA kernels, copies and memsets) and ``aten_calls`` (ATen
+    operators the host dispatched, nested ones included). ``device_time_s``: the summed device
+    duration of those operations, the busy time of the GPU, which the wall time exceeds by the
+    host's launch overhead.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = bench.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if bench.device.type != "cuda":
+        raise ValueError(f"launch_profile: expected a CUDA bench; got device {bench.device}")
     bench.run()
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         bench.run()
     events = prof.events()
     device_ops = [e for e in events if e.device_type == DeviceType.CUDA]
     aten_calls = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
     return {
-        "launches": {"device_ops": len(device_ops) if cuda else None, "aten_calls": aten_calls},
-        "device_time_s": sum(e.device_time for e in device_ops) / 1e6 if cuda else None,
+        "launches": {"device_ops": len(device_ops), "aten_calls": aten_calls},
+        "device_time_s": sum(e.device_time for e in device_ops) / 1e6,
     }
 
 

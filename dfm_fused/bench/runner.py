@@ -10,7 +10,7 @@ import torch
 
 import dfm_fused
 from dfm_fused._dispatch import resolve
-from dfm_fused.bench import measure
+from dfm_fused.bench import measure, report
 from dfm_fused.bench.memory import e2e_graph_bytes
 
 __all__ = ["case_info", "device_name", "environment", "measure_case", "run_cases"]
@@ -88,7 +88,7 @@ def measure_case(case, peaks: dict | None = None, **timing) -> dict:
     record["memory"] = memory
     if peaks is not None and case.kind == "op":
         record["floor_s"] = measure.floor_seconds(case, peaks[case.dtype])
-    if case.kind == "op":
+    if case.kind == "op" and bench.device.type == "cuda":
         record.update(measure.launch_profile(bench))
     return record
 
@@ -105,7 +105,7 @@ def run_cases(cases, *, peaks=None, rss=True, progress=print, **timing) -> list[
         progress(f"[{i:{width}}/{len(cases)}] {case.id} ...", end=" ", flush=True)
         try:
             record = measure_case(case, peaks, **timing)
-            progress(f"{record['time_s']['median'] * 1e3:.2f} ms", flush=True)
+            progress(report.format_time(record["time_s"]), flush=True)
         except KeyboardInterrupt:
             progress(f"interrupted: reporting the {len(records)} cases measured", flush=True)
             break

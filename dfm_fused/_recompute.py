@@ -251,7 +251,9 @@ class _ReplayMode(TorchDispatchMode):
             if out is not None:
                 self.created.add(out.untyped_storage().data_ptr())
                 return out
-        for tensor in written_tensors(func, args, kwargs):
+        # FSDP2 re-gathers a sharded module's parameters when its replay calls it: those writes
+        # put back the values the parameters already had.
+        for tensor in () if func.namespace == "fsdp" else written_tensors(func, args, kwargs):
             pointer = tensor.untyped_storage().data_ptr()
             if pointer not in self.created and pointer not in self.allowed:
                 raise RuntimeError(

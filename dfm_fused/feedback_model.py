@@ -28,12 +28,17 @@ host read at all; with ``atol`` the sums stay on the device and are read once
 every ``check_every`` steps. The step at which the loop stops and the state it
 continues from are the reference's; the up to ``check_every - 1`` steps run past
 it are discarded (in training mode their BatchNorm statistic updates are not).
+Under data parallelism (DDP, FSDP2) the sums are added over the ranks of ``early_stop_group``
+(by default every rank, when a default process group of world size > 1 exists): all ranks stop
+at the step one process would for their batches together, and so run the same steps (and the
+same collectives; a rank that stopped alone would leave the others waiting in one).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dfm_fused import _checks, _decay_scope
@@ -60,6 +65,10 @@ class FeedbackLoop(nn.Module):
         reference_init: ``True`` reproduces the reference's ``to_equilibrium``, which zeroes the
             state before its loop: for ``T >= 2`` the initial state (``h0`` or the random draw)
             is replaced by zeros; for ``T == 1`` it is used as is.
+    Attribute ``early_stop_group``: the ranks whose batches decide the early stop (``atol``)
+    together: ``"default"`` (the default process group, when one of world size > 1 is
+    initialised), ``None`` (this process alone, e.g. a rank evaluating on its own) or a
+    ``ProcessGroup``. Every rank of the group must call ``forward`` with ``atol`` together.
         **modules: the subclass's other modules, registered first, in the order given (their
             order is the parameters' order).
     """
@@ -87,6 +96,7 @@ class FeedbackLoop(nn.Module):
             self.T = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.state = torch.zeros(())
         self.steps_run = 0
+        self.early_stop_group = "default"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -207,7 +217,7 @@ class FeedbackLoop(nn.Module):
             chunk = self._unroll(z, h, n, self.steps_run, True, checkpoint_last=True)
             with torch.no_grad():
                 # The reference compares float32 sums as Python floats (float64).
-                sums = torch.stack([s.abs().sum() for s in chunk]).to(torch.float64)
+                sums = self._summed_over_ranks(torch.stack([s.abs().sum() for s in chunk]).to(torch.float64))
                 done = ((sums - torch.cat([prev, sums[:-1]])).abs() <= atol).tolist()
                 prev = sums[-1:]
             stop = done.index(True) + 1 if True in done else n
@@ -217,6 +227,20 @@ class FeedbackLoop(nn.Module):
             if True in done:
                 break
         return trajectory
+
+    def _summed_over_ranks(self, sums: torch.Tensor) -> torch.Tensor:
+        """``sums`` (n,) float64, per step ``sum |h|`` of this rank's batch, added over the ranks of
+        ``early_stop_group``."""
+        group = getattr(self, "early_stop_group", "default")
+        if group is None or not dist.is_available() or not dist.is_initialized():
+            return sums
+        if isinstance(group, str):
+            if group != "default":
+                raise ValueError(f"early_stop_group: expected 'default', None or a ProcessGroup; got {group!r}")
+            group = None
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
+        return sums
 
 
 class FeedbackModel(FeedbackLoop):

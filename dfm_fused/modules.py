@@ -9,6 +9,8 @@ feedback projection plus the concat with the input.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from dfm_fused import _checks, _decay_scope
@@ -36,6 +38,33 @@ def _promise(scalar_decay):
     if scalar_decay is not None and not isinstance(scalar_decay, bool):
         raise TypeError(f"scalar_decay: expected None or a bool; got {type(scalar_decay).__name__} {scalar_decay!r}")
     return scalar_decay
+
+
+def _is_dtensor(value) -> bool:
+    # torch.distributed.tensor is imported by whoever made a DTensor; nothing here imports it.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(value, dtensor.DTensor)
+
+
+def _write_local_shard(sharded, full: torch.Tensor, name: str) -> None:
+    """Copy this rank's part of ``full`` (the gathered value, identical on every rank) into the
+    local tensor of the DTensor ``sharded``: ``torch.chunk`` per ``Shard`` placement, as DTensor
+    and FSDP2 split a tensor."""
+    if tuple(full.shape) != tuple(sharded.shape):
+        raise RuntimeError(f"{name}: the gathered tensor has shape {tuple(full.shape)} but the sharded "
+                           f"parameter {tuple(sharded.shape)}; it was replaced outside FSDP2")
+    part, mesh = full.detach(), sharded.device_mesh
+    for mesh_dim, placement in enumerate(sharded.placements):
+        if placement.is_shard():
+            pieces = torch.chunk(part, mesh.size(mesh_dim), dim=placement.dim)
+            rank = mesh.get_local_rank(mesh_dim)
+            part = pieces[rank] if rank < len(pieces) else part.narrow(placement.dim, 0, 0)
+    with torch.no_grad():
+        local = sharded.to_local()
+        if local.shape != part.shape:
+            raise RuntimeError(f"{name}: this rank's shard has shape {tuple(local.shape)}; splitting the "
+                               f"gathered tensor by {sharded.placements} gave {tuple(part.shape)}")
+        local.copy_(part)
 
 
 class _DecayParameters(torch.nn.Module):
@@ -73,8 +102,29 @@ class _DecayParameters(torch.nn.Module):
 
     def orthogonalize_Q(self) -> None:
         """The reference's re-orthogonalisation, done by a training forward at ``T == 0``:
-        ``Q`` replaced in place by the Q factor of its complete QR decomposition."""
+        ``Q`` replaced in place by the Q factor of its complete QR decomposition.
+
+        Under FSDP2 (``fully_shard``) ``self.Q`` is, during a forward, the gathered copy that FSDP2
+        discards when it reshards: the QR's result is then also written into this rank's rows of
+        the sharded ``Q`` (every rank gathers the same ``Q`` and computes the same QR), so the
+        optimizer and every later forward see the ``Q`` this forward used, as in one process.
+        """
         self.reorthogonalize(self.Q)
+        sharded = self.__dict__.get("_sharded_Q")
+        if sharded is not None and self.Q is not sharded:
+            _write_local_shard(sharded, self.Q, f"{type(self).__name__}.Q")
+            self.__dict__["_Q_written_through"] = True
+
+    def __setattr__(self, name, value):
+        # FSDP2 swaps Q between its sharded DTensor and the gathered tensor by setattr when a
+        # module overrides __setattr__; the sharded one (the one the optimizer holds) is kept
+        # here for orthogonalize_Q. A DTensor on another mesh is the transient copy FSDP2 keeps
+        # between forward and backward with reshard_after_forward=<int>, not the parameter.
+        if name == "Q" and _is_dtensor(value):
+            kept = self.__dict__.get("_sharded_Q")
+            if kept is None or kept.device_mesh == value.device_mesh:
+                self.__dict__["_sharded_Q"] = value
+        super().__setattr__(name, value)
 
     def uniform_S(self) -> bool:
         """Whether ``|S|`` (so ``|S|**alpha``) is one value, read now (a host read for a device ``S``)."""

@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["load_reference_state_dict", "strip_compile_prefixes"]
+__all__ = ["checked_reference_state_dict", "load_reference_state_dict", "strip_compile_prefixes"]
 
 _COMPILED = "_orig_mod."
 
@@ -28,8 +28,14 @@ def load_reference_state_dict(model: nn.Module, state_dict, strict: bool = True)
     Strips ``_orig_mod.`` infixes, checks that keys naming one shared tensor
     (``conv1.weight`` and ``frontend.0.weight``) agree and, for the fused models,
     that the frozen GroupNorm affines are the identity the fused ops assume.
-    Returns ``model.load_state_dict``'s result.
+    Returns ``model.load_state_dict``'s result. (A model sharded by FSDP2:
+    :func:`dfm_fused.distributed.load_full_state_dict`.)
     """
+    return model.load_state_dict(checked_reference_state_dict(model, state_dict), strict=strict)
+
+
+def checked_reference_state_dict(model: nn.Module, state_dict) -> "OrderedDict[str, torch.Tensor]":
+    """``state_dict`` with the checks and key cleaning of :func:`load_reference_state_dict`, not loaded."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module; got {type(model).__name__}")
     if not hasattr(state_dict, "items"):
@@ -49,4 +55,4 @@ def load_reference_state_dict(model: nn.Module, state_dict, strict: bool = True)
                     f"state_dict: {name}.weight/bias must be 1/0 (the reference freezes them and the fused ops assume "
                     "it); this checkpoint changed them"
                 )
-    return model.load_state_dict(clean, strict=strict)
+    return clean

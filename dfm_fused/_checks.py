@@ -53,7 +53,7 @@ def scalar(name: str, value, positive: bool = False, allow_negative: bool = True
             raise TypeError(f"{name}: expected a real number; got a {value.dtype} tensor")
         if value.device.type != "cpu" or torch.compiler.is_compiling():
             return value
-        number = float(value)
+        number = float(value.detach())  # a range check, not part of any graph
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
     else:

@@ -190,6 +190,17 @@ def _models_job(rank, reverse_path, checkpoint_dir):
     out["patched_Q_after_forward"] = _one_step(model, rank, reference=True)
     out["patched"] = full_parameters(model)
 
+    # The same steps under DDP. The reference model holds a trainable parameter its forward never
+    # uses (layernorm_weight): without find_unused_parameters DDP never reduces the bucket holding
+    # it, and this step's gradients would be each rank's own (measured: 0.98 relative off).
+    for name, build in (("resnet18", _resnet18), ("patched", _patched_reference)):
+        model = build()
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=name == "patched")
+        opt = make_optimizer("sgd", net.parameters())
+        _resnet_loss(net, rank, reference=name == "patched").backward()
+        opt.step()
+        out[name + "_ddp"] = full_parameters(model)
+
     # The reverse: a single-process checkpoint in the reference key layout, loaded under FSDP2.
     model = fully_shard(_resnet18())
     load_full_state_dict(model, torch.load(reverse_path, weights_only=True))
@@ -272,6 +283,7 @@ def test_resnet_step_matches_one_process(model_runs, name, build):
     identity = torch.eye(Q.shape[0])
     assert (Q.T @ Q - identity).abs().max() < 1e-5
     assert_same_parameters(runs[name], expected, name, dict(build().named_parameters()))
+    assert_same_parameters(runs[name + "_ddp"], expected, f"{name} under DDP")
     if name == "resnet18":
         assert runs["resnet18_local_Q"] == (Q.shape[0] // WORLD, Q.shape[1])  # Q is sharded, not ignored
 

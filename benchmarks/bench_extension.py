@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -39,6 +38,7 @@ import torch
 
 from dfm_fused import _extension
 from dfm_fused.bench import cases as C
+from dfm_fused.bench.runner import cpu_model
 
 BACKENDS = {"cpu": ("reference", "torch", "cpp"), "cuda": ("reference", "torch", "cuda")}
 B8_16x16 = dataclasses.replace(C.CPU_SHAPES["resnet18"], name="B8-520x16x16", H=16, W=16)
@@ -52,14 +52,6 @@ CASES = [
 ]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
 
 
 def _time(bench) -> float:
@@ -107,7 +99,7 @@ def main() -> None:
         for impl in impls:
             print(f"  {impl:18s} {ms[impl]:9.2f} ms   x{ms['reference'] / ms[impl]:5.2f} vs reference   "
                   f"x{ms['torch'] / ms[impl]:5.2f} vs torch", flush=True)
-    cpu = _cpu_model()
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     record = {
         "benchmark": f"extension_{device}",

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dfm_fused.bench.runner import cpu_model
 from triangle_task import (FeedForward, TRAJECTORY_WEIGHTS, have_matplotlib, iou, make_dfm, save_step_figure,
                            trajectory_loss, trajectory_weights, triangles)
 
@@ -356,7 +357,7 @@ def main(argv=None) -> dict:
         "timing": {"wall_s": time.perf_counter() - wall, "cpu_s_all_runs": sum(r["cpu_s"] for r in records),
                    "cpu_s_main_process": time.process_time() - cpu,
                    "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": _cpu_name(),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": cpu_model(),
                         "cores": os.cpu_count()},
         "table": rows, "runs": sorted(records, key=lambda r: (r["model"], r["n"], r["seed"], r["lr"])),
         "files": ["results.json", "noise.png", "data.png", "steps.png"],
@@ -367,16 +368,6 @@ def main(argv=None) -> dict:
     print(f"wall {t['wall_s']:.0f} s, CPU of the runs {t['cpu_s_all_runs']:.0f} s; written to {out}/: "
           + ", ".join(results["files"]))
     return results
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -163,6 +163,14 @@ def assert_same_parameters(actual, expected, label, initial=None, tol=None):
         assert len(moved) >= len(expected) // 2, f"{label}: only {moved} moved"
 
 
+def assert_strategies_match_one_process(runs, key, expected, label, initial, tol=None):
+    """``runs[strategy, *key]`` of DDP and of FSDP2 against one process's parameters, and against
+    each other."""
+    for strategy in ("ddp", "fsdp2"):
+        assert_same_parameters(runs[(strategy, *key)], expected, f"{strategy}, {label}", initial, tol)
+    assert_same_parameters(runs[("fsdp2", *key)], runs[("ddp", *key)], f"fsdp2 against ddp, {label}", tol=tol)
+
+
 # --- the GroupNorm FeedbackModel -----------------------------------------------------------------
 
 class GroupNormCase:
@@ -232,11 +240,8 @@ def group_norm_runs(tmp_path_factory):
 def test_ddp_and_fsdp2_match_one_process(group_norm_runs, checkpoint, optimizer):
     expected = one_process_training(GroupNormCase, checkpoint, optimizer)
     initial = dict(GroupNormCase.model(checkpoint).named_parameters())
-    for strategy in ("ddp", "fsdp2"):
-        assert_same_parameters(group_norm_runs[strategy, checkpoint, optimizer], expected,
-                               f"{strategy}, checkpoint={checkpoint!r}, {optimizer}", initial)
-    assert_same_parameters(group_norm_runs["fsdp2", checkpoint, optimizer],
-                           group_norm_runs["ddp", checkpoint, optimizer], "fsdp2 against ddp")
+    assert_strategies_match_one_process(group_norm_runs, (checkpoint, optimizer), expected,
+                                        f"checkpoint={checkpoint!r}, {optimizer}", initial)
 
 
 @needs_gloo

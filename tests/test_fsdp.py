@@ -18,8 +18,9 @@ from dfm_fused.distributed import broadcast_buffers, fully_shard, load_full_stat
 from dfm_fused.models.reference import ReferenceResNet18
 
 from _helpers import assert_close
-from test_ddp import (CONFIGS, as_in_a_worker, STEPS, TIMEOUT_S, WORLD, GroupNormCase, assert_same_parameters,
-                      distributed_training, full_parameters, make_optimizer, needs_gloo, one_process_training, spawn)
+from test_ddp import (CONFIGS, STEPS, TIMEOUT_S, WORLD, GroupNormCase, as_in_a_worker, assert_same_parameters,
+                      assert_strategies_match_one_process, distributed_training, full_parameters, make_optimizer,
+                      needs_gloo, one_process_training, spawn)
 
 nn = torch.nn
 
@@ -84,12 +85,8 @@ def batch_norm_runs(tmp_path_factory):
 def test_batch_norm_dfm_ddp_and_fsdp2_match_one_process(batch_norm_runs, checkpoint, optimizer):
     expected = one_process_training(BatchNormCase, checkpoint, optimizer)
     initial = dict(BatchNormCase.model(checkpoint).named_parameters())
-    for strategy in ("ddp", "fsdp2"):
-        assert_same_parameters(batch_norm_runs[strategy, checkpoint, optimizer], expected,
-                               f"{strategy}, checkpoint={checkpoint!r}, {optimizer}", initial, BatchNormCase.TOLERANCE)
-    assert_same_parameters(batch_norm_runs["fsdp2", checkpoint, optimizer],
-                           batch_norm_runs["ddp", checkpoint, optimizer], "fsdp2 against ddp",
-                           tol=BatchNormCase.TOLERANCE)
+    assert_strategies_match_one_process(batch_norm_runs, (checkpoint, optimizer), expected,
+                                        f"checkpoint={checkpoint!r}, {optimizer}", initial, BatchNormCase.TOLERANCE)
 
 
 # --- ResNets, a patched reference model, checkpoints, bad input -----------------------------------

@@ -13,19 +13,22 @@ from dfm_fused._dispatch import resolve
 from dfm_fused.bench import measure, report
 from dfm_fused.bench.memory import e2e_graph_bytes
 
-__all__ = ["case_info", "device_name", "environment", "measure_case", "run_cases"]
+__all__ = ["case_info", "cpu_model", "device_name", "environment", "measure_case", "run_cases"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere the platform's processor or machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def device_name(device_type: str) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return f"{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def environment(device_type: str) -> dict:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 
 import torch
@@ -232,6 +233,20 @@ def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
 _CONVOLUTION = torch.ops.aten.convolution.default
 
 
+def _in_fsdp_unshard() -> bool:
+    """Whether FSDP2 is gathering parameters further up the Python stack. With a single rank it
+    copies each sharded parameter into its unsharded storage by a plain ``aten.copy_`` (in
+    ``FSDPParamGroup.wait_for_unshard``), not by its ``fsdp`` ops; like those, the copy puts back
+    the values the parameter had. Walked only for a write that would otherwise be refused."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("wait_for_unshard", "unshard") and "fsdp" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _ReplayMode(TorchDispatchMode):
     """Below autograd during a replay: hands back the ``kept`` convolution outputs, and raises when
     an op writes into a tensor that existed before the replay (other than ``allowed`` storages): a
@@ -255,7 +270,7 @@ class _ReplayMode(TorchDispatchMode):
         # put back the values the parameters already had.
         for tensor in () if func.namespace == "fsdp" else written_tensors(func, args, kwargs):
             pointer = tensor.untyped_storage().data_ptr()
-            if pointer not in self.created and pointer not in self.allowed:
+            if pointer not in self.created and pointer not in self.allowed and not _in_fsdp_unshard():
                 raise RuntimeError(
                     f"unroll(checkpoint=...): the step modified a tensor of shape {tuple(tensor.shape)} in place "
                     f"({func}) while being replayed in backward, and that tensor is not a buffer or frozen "

@@ -253,6 +253,34 @@ def _one_process_step(model, reference=False):
 
 
 @needs_gloo
+@pytest.mark.parametrize("checkpoint", [False, True, "selective"])
+def test_fsdp2_on_one_rank_matches_one_process(tmp_path, checkpoint):
+    """FSDP2 with a single rank (one GPU): it gathers parameters by a plain copy, not its own ops,
+    which the memory-saving replay accepts (it refused it before: 'the step modified a tensor of
+    shape (41472,) in place')."""
+    x, y, h0 = _resnet_data()
+
+    def one_step(model):
+        opt = make_optimizer("sgd", model.parameters())
+        nn.functional.cross_entropy(model(x[0], RESNET_T, h0=h0[0]), y[0]).backward()
+        opt.step()
+        return full_parameters(model)
+
+    def build():
+        torch.manual_seed(0)
+        return models.ResNet18(**RESNET, checkpoint=checkpoint)
+
+    with as_in_a_worker():
+        expected = one_step(build())
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        try:
+            actual = one_step(fully_shard(build()))
+        finally:
+            dist.destroy_process_group()
+    assert_same_parameters(actual, expected, f"one rank, checkpoint={checkpoint!r}", dict(build().named_parameters()))
+
+
+@needs_gloo
 def test_plain_fully_shard(model_runs):
     runs, _ = model_runs
     assert "fully_shard doesn't support scalar parameters" in runs["plain"]

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 
 import dfm_fused  # noqa: E402
 import dfm_fused.distributed  # noqa: E402
@@ -141,10 +142,13 @@ def main(argv=None) -> None:
 
     start = 0
     if not args.fresh and os.path.exists(os.path.join(args.checkpoint_dir, ".metadata")):
-        model_state, opt_state = get_state_dict(net, opt)
-        state = {"model": model_state, "optim": opt_state, "step": torch.zeros((), dtype=torch.int64)}
+        # The model's state is read into its own tensors (state_dict() shares their storage),
+        # which also covers the names the reference layout gives twice (conv1.weight and
+        # frontend.0.weight): set_state_dict maps only the first of them.
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(net, opt),
+                 "step": torch.zeros((), dtype=torch.int64)}
         dcp.load(state, checkpoint_id=args.checkpoint_dir)
-        set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_optimizer_state_dict(net, opt, optim_state_dict=state["optim"])
         start = int(state["step"])
         if rank == 0:
             print(f"resumed from {args.checkpoint_dir} at step {start}", file=sys.stderr)
@@ -152,8 +156,8 @@ def main(argv=None) -> None:
     def save(step: int) -> None:
         # Running statistics (BatchNorm) are per rank: the checkpoint gets rank 0's.
         dfm_fused.distributed.broadcast_buffers(model)
-        model_state, opt_state = get_state_dict(net, opt)
-        dcp.save({"model": model_state, "optim": opt_state, "step": torch.tensor(step)},
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(net, opt),
+                  "step": torch.tensor(step)},
                  checkpoint_id=args.checkpoint_dir)
 
     bar = ProgressBar(args.steps, start, rank == 0)

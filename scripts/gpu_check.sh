@@ -14,6 +14,8 @@
 #                       environment build triton_tests triton_half_precision triton_tests_large
 #                       cuda_tests sync_tests capture_tests bench_cli bench_extension bench_triton_ops
 #                       bench_graphed graphed_busy bench_modes_float32 bench_modes_bfloat16
+#                       Not in the default: distributed_ddp distributed_fsdp2 (the example under
+#                       torchrun with NCCL, one rank).
 #                       `build` is skipped by leaving it out, e.g. to reuse an extension built by
 #                       an earlier run against the same torch (carried as dfm_fused/_C*.so).
 #   GPU_CHECK_COMPILE   1: the CLI benchmarks also time torch.compile of the reference (slow: one
@@ -175,6 +177,16 @@ run_section graphed_busy 60 "$PY" -m dfm_fused.bench.e2e --impls reference,fused
 for dtype in float32 bfloat16; do
     run_section "bench_modes_$dtype" 90 "$PY" benchmarks/bench_resnet_dfm.py --device cuda --batch 64 --size 224 \
         --T 1 5 8 --repeats 7 --dtype "$dtype" --out "$OUT/resnet18_dfm_modes_$dtype.json"
+done
+# NCCL on the one lent GPU (world size 1: NCCL cannot put two ranks on one device): DDP and FSDP2
+# through the example, the decay QR written into the sharded Q on a CUDA DTensor, a checkpoint and
+# a resume. Not in the default list: GPU_CHECK_SECTIONS="distributed_ddp distributed_fsdp2".
+for strategy in ddp fsdp2; do
+    run_section "distributed_$strategy" 60 bash -c "\"$PY\" -m torch.distributed.run --standalone --nproc-per-node 1 \
+        examples/train_distributed.py --strategy $strategy --model resnet18 --steps 4 --save-every 2 --batch-size 8 \
+        --checkpoint-dir \"$OUT/ckpt_$strategy\" && \"$PY\" -m torch.distributed.run --standalone \
+        --nproc-per-node 1 examples/train_distributed.py --strategy $strategy --model resnet18 --steps 6 \
+        --batch-size 8 --checkpoint-dir \"$OUT/ckpt_$strategy\""
 done
 
 echo

@@ -26,10 +26,11 @@ def _launch(*args):
     return subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S, env=env)
 
 
+@pytest.mark.parametrize("model", ["small", "resnet18"])  # resnet18: the reference layout's aliased keys
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_trains_saves_and_resumes(tmp_path, strategy):
+def test_trains_saves_and_resumes(tmp_path, strategy, model):
     ckpt = tmp_path / "ckpt"
-    common = ("--strategy", strategy, "--checkpoint-dir", ckpt, "--batch-size", "8", "--T", "2")
+    common = ("--strategy", strategy, "--model", model, "--checkpoint-dir", ckpt, "--batch-size", "8", "--T", "2")
     first = _launch(*common, "--steps", "2", "--save-every", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (ckpt / ".metadata").exists()
@@ -41,8 +42,8 @@ def test_trains_saves_and_resumes(tmp_path, strategy):
     assert f"resumed from {ckpt} at step 2" in second.stderr
     assert "3/3" in second.stderr
     # The resumed run ends where an uninterrupted one does (the last step's loss, the accuracy).
-    straight = _launch("--strategy", strategy, "--checkpoint-dir", tmp_path / "straight", "--batch-size", "8",
-                       "--T", "2", "--steps", "3")
+    straight = _launch("--strategy", strategy, "--model", model, "--checkpoint-dir", tmp_path / "straight",
+                       "--batch-size", "8", "--T", "2", "--steps", "3")
     assert straight.returncode == 0, straight.stderr[-3000:]
     final = re.compile(r"final loss [0-9.]+, held-out accuracy [0-9.]+")
     assert final.search(second.stderr).group() == final.search(straight.stderr).group()

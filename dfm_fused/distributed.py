@@ -77,7 +77,8 @@ def fully_shard(
         reshard_after_forward: as for ``torch.distributed.fsdp.fully_shard``, for the blocks.
         sync_module_states: broadcast rank 0's parameters and buffers first (as
             ``DistributedDataParallel`` does), so ranks that built the model differently agree.
-        **fsdp_kwargs: passed on (``mp_policy``, ``offload_policy``, ...).
+        **fsdp_kwargs: passed on (``mp_policy``, ``offload_policy``, ...); ``ignored_params``
+            are kept out of the sharding besides the 0-d parameters.
     Raises:
         RuntimeError: no default process group; ValueError: a 0-d parameter needs a gradient
         (FSDP2 cannot shard it and nothing would average its gradient), or a block is not a
@@ -90,11 +91,8 @@ def fully_shard(
         raise TypeError(f"model: expected a torch.nn.Module; got {type(model).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("fully_shard: no default process group; call torch.distributed.init_process_group first")
-    for key in ("ignored_params",):
-        if key in fsdp_kwargs:
-            raise TypeError(f"{key}: chosen by dfm_fused.distributed.fully_shard (the 0-d parameters); not accepted")
     paths = {id(m): n for n, m in model.named_modules()}
-    ignored = set()
+    ignored = set(fsdp_kwargs.pop("ignored_params", None) or ())
     for name, param in model.named_parameters():
         if param.dim() == 0:
             if param.requires_grad:

@@ -278,6 +278,14 @@ def test_fsdp2_on_one_rank_matches_one_process(tmp_path, checkpoint):
         finally:
             dist.destroy_process_group()
     assert_same_parameters(actual, expected, f"one rank, checkpoint={checkpoint!r}", dict(build().named_parameters()))
+    # The caller's ignored_params stay whole beside the 0-d ones.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    try:
+        model = build()
+        fully_shard(model, ignored_params={model.fc.weight})
+        assert type(model.fc.weight) is nn.Parameter and type(model.conv1.weight) is not nn.Parameter
+    finally:
+        dist.destroy_process_group()
 
 
 @needs_gloo

@@ -107,6 +107,7 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps({args.strategy: everyone}, indent=2))
+    dist.barrier()  # no rank tears its group down while another still uses it
     dist.destroy_process_group()
 
 

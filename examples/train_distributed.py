@@ -187,6 +187,7 @@ def main(argv=None) -> None:
     if rank == 0:
         print(f"{args.strategy} on {world} ranks: final loss {loss_value:.3f}, held-out accuracy "
               f"{correct.item() / len(y):.2f}, checkpoint {args.checkpoint_dir}", file=sys.stderr)
+    dist.barrier()  # no rank tears its group down while another still uses it
     dist.destroy_process_group()
 
 

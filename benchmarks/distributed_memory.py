@@ -12,6 +12,7 @@ after the step.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pathlib
@@ -51,9 +52,19 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=5)
     args = parser.parse_args()
     dist.init_process_group("gloo")
+    try:
+        if args.batch_size % dist.get_world_size():
+            parser.error(f"--batch-size: expected a multiple of the world size {dist.get_world_size()}; "
+                         f"got {args.batch_size}")
+        measure(args)
+        dist.barrier()  # no rank tears its group down while another still uses it
+    finally:
+        gc.collect()  # the model and its device mesh go before the process groups
+        dist.destroy_process_group()
+
+
+def measure(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.batch_size % world:
-        parser.error(f"--batch-size: expected a multiple of the world size {world}; got {args.batch_size}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = dfm_fused.models.ResNet18(fb_filters=8, n_classes=200, shape=(64, 64), checkpoint=True)
@@ -107,8 +118,6 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps({args.strategy: everyone}, indent=2))
-    dist.barrier()  # no rank tears its group down while another still uses it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

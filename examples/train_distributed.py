@@ -16,6 +16,7 @@ reference's state_dict keys: a single process loads it with dcp.load into model.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import pathlib
 import sys
@@ -118,12 +119,19 @@ class ProgressBar:
 def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        args = parse_args(argv, world)
-    except SystemExit:
+        train(parse_args(argv, dist.get_world_size()), cuda)
+        dist.barrier()  # no rank tears its group down while another still uses it
+    finally:
+        # train() has returned: the model, its DTensors and their device mesh, which hold the
+        # process groups, are gone before the groups are destroyed (a mesh outliving them made
+        # some FSDP2 runs abort at exit).
+        gc.collect()
         dist.destroy_process_group()
-        raise
+
+
+def train(args: argparse.Namespace, cuda: bool) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -187,8 +195,6 @@ def main(argv=None) -> None:
     if rank == 0:
         print(f"{args.strategy} on {world} ranks: final loss {loss_value:.3f}, held-out accuracy "
               f"{correct.item() / len(y):.2f}, checkpoint {args.checkpoint_dir}", file=sys.stderr)
-    dist.barrier()  # no rank tears its group down while another still uses it
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

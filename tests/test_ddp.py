@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import socket
 import time
 
@@ -54,6 +55,7 @@ def _entry(rank, world, port, job, path):
         # (a rank left alone in destroy_process_group once hung a torch 2.13 run).
         dist.barrier()
     finally:
+        gc.collect()  # FSDP2's device meshes hold process groups: gone before the groups are
         dist.destroy_process_group()
 
 

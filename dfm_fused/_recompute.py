@@ -234,10 +234,11 @@ _CONVOLUTION = torch.ops.aten.convolution.default
 
 
 def _in_fsdp_unshard() -> bool:
-    """Whether FSDP2 is gathering parameters further up the Python stack. With a single rank it
-    copies each sharded parameter into its unsharded storage by a plain ``aten.copy_`` (in
-    ``FSDPParamGroup.wait_for_unshard``), not by its ``fsdp`` ops; like those, the copy puts back
-    the values the parameter had. Walked only for a write that would otherwise be refused."""
+    """Whether FSDP2 is gathering parameters further up the Python stack
+    (``FSDPParamGroup.unshard`` / ``wait_for_unshard``): a sharded module called by a replay
+    gathers its parameters again (its ``fsdp`` ops, or with a single rank a plain ``aten.copy_``),
+    and those writes put back the values the parameters had. Walked only for a write that would
+    otherwise be refused."""
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
@@ -266,9 +267,7 @@ class _ReplayMode(TorchDispatchMode):
             if out is not None:
                 self.created.add(out.untyped_storage().data_ptr())
                 return out
-        # FSDP2 re-gathers a sharded module's parameters when its replay calls it: those writes
-        # put back the values the parameters already had.
-        for tensor in () if func.namespace == "fsdp" else written_tensors(func, args, kwargs):
+        for tensor in written_tensors(func, args, kwargs):
             pointer = tensor.untyped_storage().data_ptr()
             if pointer not in self.created and pointer not in self.allowed and not _in_fsdp_unshard():
                 raise RuntimeError(

@@ -165,12 +165,16 @@ def assert_same_parameters(actual, expected, label, initial=None, tol=None):
         assert len(moved) >= len(expected) // 2, f"{label}: only {moved} moved"
 
 
-def assert_strategies_match_one_process(runs, key, expected, label, initial, tol=None):
-    """``runs[strategy, *key]`` of DDP and of FSDP2 against one process's parameters, and against
-    each other."""
+def assert_strategies_match_one_process(runs, case, checkpoint, optimizer, tol=None):
+    """``runs[strategy, checkpoint, optimizer]`` of DDP and of FSDP2 against one process training
+    ``case`` the same way, and against each other."""
+    expected = one_process_training(case, checkpoint, optimizer)
+    initial = dict(case.model(checkpoint).named_parameters())
+    label = f"checkpoint={checkpoint!r}, {optimizer}"
     for strategy in ("ddp", "fsdp2"):
-        assert_same_parameters(runs[(strategy, *key)], expected, f"{strategy}, {label}", initial, tol)
-    assert_same_parameters(runs[("fsdp2", *key)], runs[("ddp", *key)], f"fsdp2 against ddp, {label}", tol=tol)
+        assert_same_parameters(runs[strategy, checkpoint, optimizer], expected, f"{strategy}, {label}", initial, tol)
+    assert_same_parameters(runs["fsdp2", checkpoint, optimizer], runs["ddp", checkpoint, optimizer],
+                           f"fsdp2 against ddp, {label}", tol=tol)
 
 
 # --- the GroupNorm FeedbackModel -----------------------------------------------------------------
@@ -240,10 +244,7 @@ def group_norm_runs(tmp_path_factory):
 @needs_gloo
 @pytest.mark.parametrize("checkpoint,optimizer", CONFIGS)
 def test_ddp_and_fsdp2_match_one_process(group_norm_runs, checkpoint, optimizer):
-    expected = one_process_training(GroupNormCase, checkpoint, optimizer)
-    initial = dict(GroupNormCase.model(checkpoint).named_parameters())
-    assert_strategies_match_one_process(group_norm_runs, (checkpoint, optimizer), expected,
-                                        f"checkpoint={checkpoint!r}, {optimizer}", initial)
+    assert_strategies_match_one_process(group_norm_runs, GroupNormCase, checkpoint, optimizer)
 
 
 @needs_gloo

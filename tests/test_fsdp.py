@@ -20,7 +20,7 @@ from dfm_fused.models.reference import ReferenceResNet18
 from _helpers import assert_close
 from test_ddp import (CONFIGS, STEPS, TIMEOUT_S, WORLD, GroupNormCase, as_in_a_worker, assert_same_parameters,
                       assert_strategies_match_one_process, distributed_training, full_parameters, make_optimizer,
-                      needs_gloo, one_process_training, spawn)
+                      needs_gloo, spawn)
 
 nn = torch.nn
 
@@ -83,10 +83,7 @@ def batch_norm_runs(tmp_path_factory):
 @needs_gloo
 @pytest.mark.parametrize("checkpoint,optimizer", CONFIGS)
 def test_batch_norm_dfm_ddp_and_fsdp2_match_one_process(batch_norm_runs, checkpoint, optimizer):
-    expected = one_process_training(BatchNormCase, checkpoint, optimizer)
-    initial = dict(BatchNormCase.model(checkpoint).named_parameters())
-    assert_strategies_match_one_process(batch_norm_runs, (checkpoint, optimizer), expected,
-                                        f"checkpoint={checkpoint!r}, {optimizer}", initial, BatchNormCase.TOLERANCE)
+    assert_strategies_match_one_process(batch_norm_runs, BatchNormCase, checkpoint, optimizer, BatchNormCase.TOLERANCE)
 
 
 # --- ResNets, a patched reference model, checkpoints, bad input -----------------------------------
